@@ -160,6 +160,17 @@ def test_dit_in_bf16_keeps_diffusers_fp32_modules(dit_files, dit_inputs, dit_ref
     assert torch.allclose(out, expected, atol=0.1 * expected.abs().max().item())
 
 
+def test_cast_dit_gives_the_dtypes_load_dit_gives(dit_files):
+    import copy
+
+    from vans.wan.dit import cast_dit
+
+    loaded = load_dit(dit_files["wan"], dtype=torch.bfloat16)
+    cast = cast_dit(copy.deepcopy(load_dit(dit_files["wan"], dtype=torch.float32)), torch.bfloat16)
+    assert {n: p.dtype for n, p in cast.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert len({p.dtype for p in cast.parameters()}) == 2  # bf16 and the fp32 modules
+
+
 def test_wan_and_diffusers_names_are_inverse(dit_reference):
     sd = dit_reference.state_dict()
     wan = to_wan_layout(sd)

@@ -241,9 +241,24 @@ def _dit_files(path: Path, allow_pickle: bool) -> tuple[list[Path], dict | None]
         read_config(folder)
 
 
-def _fp32_names(model) -> tuple[str, ...]:
-    """Modules diffusers keeps in fp32 whatever the load dtype (norms, modulation, time embedding)."""
-    return tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+def dtype_rule(model, dtype: torch.dtype):
+    """Parameter name -> its dtype: ``dtype``, except the modules diffusers keeps in fp32 whatever the
+    load dtype (norms, modulation, time embedding)."""
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+    def dtype_of(key: str) -> torch.dtype:
+        return torch.float32 if any(part in keep_fp32 for part in key.split(".")) else dtype
+
+    return dtype_of
+
+
+def cast_dit(model, dtype: torch.dtype):
+    """Cast a built DiT to ``dtype`` as ``load_dit`` does (fp32 modules stay fp32); returns it."""
+    dtype_of = dtype_rule(model, dtype)
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype_of(key))
+    return model
 
 
 def _file_name(plan: DitPlan):
@@ -278,12 +293,7 @@ def load_dit(path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.d
     extra = check_keys(model, named, what=WHAT, name=name, expected=EXPECTED, file_name=_file_name(plan))
     plan.extra_keys = [plan.file_names.get(k, k) for k in extra]
     report_extra_keys(plan.extra_keys, what=WHAT, name=name)
-    keep_fp32 = _fp32_names(model)
-
-    def dtype_of(key: str) -> torch.dtype:
-        return torch.float32 if any(part in keep_fp32 for part in key.split(".")) else dtype
-
-    assign_weights(model, named, dtype_of=dtype_of, device=device)
+    assign_weights(model, named, dtype_of=dtype_rule(model, dtype), device=device)
     model.eval()
     model.vans_load_report = plan  # what was inferred and what was ignored, for logs and tests
     return model
