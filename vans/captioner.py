@@ -92,11 +92,11 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
 
 
 def frame_indices(total: int, num_frames: int = NUM_FRAMES) -> list[int]:
-    """round(linspace(0, total − 1, num_frames)): first and last frame always, even spread between.
-    A clip shorter than ``num_frames`` repeats frames (the official reader refused such clips)."""
-    if total < 1:
-        raise InputError("video has no frames; pick a video that decodes to at least one frame")
-    return torch.linspace(0, total - 1, num_frames, dtype=torch.float64).round().long().tolist()
+    """The VLM's frames: the engine's even-spread rule (``vans.video.sample_indices``), first and last
+    frame always. A clip shorter than ``num_frames`` repeats frames (the official reader refused such clips)."""
+    from .video import sample_indices
+
+    return sample_indices(total, num_frames)
 
 
 def check_frames(frames: torch.Tensor, what: str = "video") -> torch.Tensor:

@@ -60,12 +60,13 @@ _KEY_PREFIXES = ("module.", "clip.")
 
 
 def even_spread_indices(source_count: int, target_count: int) -> torch.Tensor:
-    """round(linspace(0, source_count − 1, target_count)): ``target_count`` indices spread evenly over a
-    clip, first and last frame included (the frame rule of the VLM input, VANS.md §3). torch rounds half
-    to even."""
+    """``target_count`` indices spread evenly over a clip, first and last frame included: the engine's
+    one frame rule (``vans.video.sample_indices``, also the VLM's input rule, VANS.md §3)."""
+    from .video import sample_indices
+
     if source_count < 1 or target_count < 1:
         raise InputError(f"cannot resample {source_count} frames to {target_count}; both need at least one frame")
-    return torch.linspace(0, source_count - 1, target_count).round().long()
+    return torch.tensor(sample_indices(source_count, target_count), dtype=torch.long)
 
 
 def clip_v_from_features(gen_features: torch.Tensor, gt_features: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,283 @@
+"""What the nodes compute themselves (everything else is the engine's and tested there), without ComfyUI.
+
+The key check: the context wrapper that the ContextConditioning node installs on ComfyUI's
+``apply_model`` (input x_t, output the CONST model's denoised x0 = x − σ·v) is the engine's
+``VideoGenerator.model_velocity`` once x0 is turned back into a velocity. A toy DiT that mixes
+information across time makes any error in where or how the context is prepended visible.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from nodes_stub import stubbed_pack
+
+PACK = "vans_pack_logic"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    with stubbed_pack(PACK):
+        modules = {name: importlib.import_module(f"{PACK}.nodes.{name}")
+                   for name in ("batching", "frames", "conditioning", "selection")}
+        modules["InputError"] = importlib.import_module(f"{PACK}.vans.errors").InputError
+        yield modules
+
+
+# -- the context wrapper == the engine model call ------------------------------------------------
+class ToyDiT(torch.nn.Module):
+    """Velocity that depends on every frame (causal mean over time), the timestep and the text."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.linspace(-1, 1, 16).view(1, 16, 1, 1, 1))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        steps = torch.arange(1, hidden_states.shape[2] + 1, dtype=hidden_states.dtype).view(1, 1, -1, 1, 1)
+        causal_mean = hidden_states.cumsum(dim=2) / steps
+        t = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        text = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+        return (torch.tanh(causal_mean * self.mix) * (1 + t) + text,)
+
+
+def comfy_const_apply_model(dit):
+    """ComfyUI's BaseModel._apply_model for a CONST (flow) model, reduced to the arithmetic."""
+
+    def apply_model(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        v = dit(hidden_states=x, timestep=t * 1000, encoder_hidden_states=c_crossattn)[0]
+        return x - v * t.view(-1, 1, 1, 1, 1)
+
+    return apply_model
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.73, 0.05])
+def test_context_wrapper_equals_the_engine_model_velocity(pack, sigma):
+    from vans.generator import VideoGenerator
+
+    torch.manual_seed(0)
+    dit = ToyDiT()
+    context = torch.randn(1, 16, 6, 4, 6)
+    x = torch.randn(2, 16, 9, 4, 6)  # cond and uncond rows, as ComfyUI batches them
+    text = torch.randn(2, 5, 8)
+    engine = VideoGenerator(dit, None, None).model_velocity(x, torch.tensor(sigma), context, text)
+
+    wrapper = pack["conditioning"].ContextPrepender(context)
+    t = torch.full((2,), sigma)
+    x0 = wrapper(comfy_const_apply_model(dit), x, t, None, text, None, {})
+    comfy_velocity = (x - x0) / sigma
+    assert x0.shape == x.shape
+    torch.testing.assert_close(comfy_velocity, engine, rtol=1e-5, atol=1e-5)
+
+
+def test_context_wrapper_puts_the_context_first_in_time(pack):
+    seen = {}
+
+    def executor(x, t, *args, **kwargs):
+        seen["x"] = x
+        return x * 2
+
+    context = torch.full((1, 16, 2, 3, 3), 7.0)
+    x = torch.zeros(3, 16, 4, 3, 3)
+    out = pack["conditioning"].ContextPrepender(context)(executor, x, torch.ones(3))
+    assert seen["x"].shape == (3, 16, 6, 3, 3)
+    assert torch.all(seen["x"][:, :, :2] == 7) and torch.all(seen["x"][:, :, 2:] == 0)
+    assert out.shape == x.shape and torch.all(out == 0)
+
+
+def test_context_wrapper_refuses_a_latent_of_another_size(pack):
+    InputError = pack["InputError"]
+    wrapper = pack["conditioning"].ContextPrepender(torch.zeros(1, 16, 6, 4, 4))
+    with pytest.raises(InputError, match="same VANS Context Conditioning node"):
+        wrapper(lambda x, *a, **k: x, torch.zeros(1, 16, 9, 8, 8), torch.ones(1))
+
+
+@pytest.mark.parametrize("width,height,length,num_context,problem", [
+    (640, 352, 33, 6, None),
+    (650, 352, 33, 6, "width=650"),
+    (640, 8, 33, 6, "height=8"),
+    (640, 352, 34, 6, "use 33 or 37"),
+    (640, 352, 33, 10, "between 1 and the 9 latent frames"),
+    (None, None, None, None, None),  # linked inputs are not known at validation time
+])
+def test_video_settings_are_checked_with_a_fix(pack, width, height, length, num_context, problem):
+    message = pack["conditioning"].check_video_settings(width, height, length, num_context)
+    if problem is None:
+        assert message is None
+    else:
+        assert problem in message
+
+
+def test_context_node_validation_reports_the_problem(pack):
+    node = pack["conditioning"].VANSContextConditioning
+    assert node.validate_inputs(width=640, height=352, length=33, num_context=6) is True
+    assert "4n+1" in node.validate_inputs(length=32)
+
+
+# -- candidates and scores ----------------------------------------------------------------------
+def test_split_videos_from_one_batch_or_a_list(pack):
+    split = pack["batching"].split_videos
+    batch = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 2, 2, 3)
+    parts = split(batch, 3)
+    assert [p[0, 0, 0, 0].item() for p in parts] == [0, 4, 8]
+    listed = [torch.zeros(5, 2, 2, 3), torch.ones(7, 2, 2, 3)]
+    assert split(listed, 2) is not listed and split(listed, 2)[1].shape[0] == 7
+
+
+@pytest.mark.parametrize("videos,count,match", [
+    (torch.zeros(10, 2, 2, 3), 3, "cannot be split into 3"),
+    ([torch.zeros(2, 2, 2, 3)] * 2, 3, "2 videos but 3 scores"),
+    (torch.zeros(3, 2, 2, 3), 0, "at least one"),
+])
+def test_split_videos_names_the_mismatch(pack, videos, count, match):
+    InputError = pack["InputError"]
+    with pytest.raises(InputError, match=match):
+        pack["batching"].split_videos(videos, count)
+
+
+def test_best_index_ignores_nan_and_keeps_the_first_of_ties(pack):
+    best = pack["batching"].best_index
+    assert best([0.1, 0.5, 0.5, -1.0]) == 1
+    assert best([math.nan, 0.2, math.nan]) == 1
+    InputError = pack["InputError"]
+    with pytest.raises(InputError, match="NaN"):
+        best([math.nan, math.nan])
+
+
+def test_best_of_n_node_passes_on_the_best_video(pack):
+    node = pack["selection"].VANSBestOfN
+    batch = torch.cat([torch.full((3, 2, 2, 3), float(i)) for i in range(4)])
+    out = node.execute(videos=[batch], rewards=[0.2, 0.9, math.nan, 0.4])
+    video, index, reward = out.args
+    assert index == 1 and reward == 0.9 and video.shape == (3, 2, 2, 3) and torch.all(video == 1)
+    assert "best: #1 of 4" in out.ui.value
+
+
+def test_scores_text_lists_each_candidate(pack):
+    fmt = pack["batching"].format_scores
+    assert fmt("CLIP-T", [0.25]) == "CLIP-T: 0.2500"
+    assert fmt("r2", [1, -1]).splitlines() == ["r2 #0: 1.0000", "r2 #1: -1.0000"]
+
+
+# -- frames for the VLM -------------------------------------------------------------------------
+@pytest.mark.parametrize("total,fps,num_frames,sample_fps,expected", [
+    (100, 25.0, 6, 0.0, 6),  # the VANS rule: a fixed count
+    (100, 25.0, 16, 1.0, 4),  # 4 s at 1 fps
+    (100, 25.0, 6, 2.0, 6),  # 8 would exceed the cap
+    (30, 30.0, 6, 1.0, 2),  # 1 s: at least one pair
+    (100, 25.0, 16, 1.5, 6),  # 6 frames (4 s × 1.5), kept even
+])
+def test_vlm_frame_count(pack, total, fps, num_frames, sample_fps, expected):
+    assert pack["frames"].vlm_frame_count(total, fps, num_frames, sample_fps) == expected
+
+
+def test_vlm_frame_count_needs_an_even_count_and_a_rate(pack):
+    InputError = pack["InputError"]
+    count = pack["frames"].vlm_frame_count
+    with pytest.raises(InputError, match="even"):
+        count(10, 25.0, 5, 0.0)
+    with pytest.raises(InputError, match="fps=0"):
+        count(10, 0.0, 6, 1.0)
+
+
+def test_vlm_frames_follow_the_engine_spread_rule(pack):
+    from vans.captioner import frame_indices
+
+    frames = torch.arange(50.0).view(50, 1, 1, 1).expand(50, 2, 2, 3)
+    picked = pack["frames"].pick_vlm_frames(frames, 25.0, None, 6, 0.0)
+    assert picked[:, 0, 0, 0].long().tolist() == frame_indices(50, 6)
+    short = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 2, 3)  # fewer frames than asked: repeats
+    assert pack["frames"].pick_vlm_frames(short, 25.0, None, 6, 0.0)[:, 0, 0, 0].long().tolist() == frame_indices(4, 6)
+
+
+def test_vlm_frames_need_exactly_one_source(pack):
+    InputError = pack["InputError"]
+    pick = pack["frames"].pick_vlm_frames
+    with pytest.raises(InputError, match="connect either"):
+        pick(None, 25.0, None, 6, 0.0)
+    with pytest.raises(InputError, match="only one"):
+        pick(torch.zeros(4, 2, 2, 3), 25.0, object(), 6, 0.0)
+
+
+class _Components:
+    def __init__(self, images, frame_rate):
+        self.images, self.frame_rate = images, frame_rate
+
+
+class _MemoryVideo:
+    """A VIDEO without a file behind it (e.g. made by Create Video)."""
+
+    def __init__(self, images, rate):
+        self._components = _Components(images, rate)
+
+    def get_stream_source(self):
+        import io
+
+        return io.BytesIO(b"")
+
+    def get_components(self):
+        return self._components
+
+
+class _BrokenVideo:
+    def get_components(self):
+        raise OSError("[Errno 1094995529] Invalid data found when processing input")
+
+
+def test_video_without_a_file_uses_its_components(pack):
+    from fractions import Fraction
+
+    images = torch.arange(40.0).view(40, 1, 1, 1).expand(40, 2, 2, 3)
+    picked = pack["frames"].pick_vlm_frames(None, 0.0, _MemoryVideo(images, Fraction(10)), 8, 1.0)
+    assert picked.shape[0] == 4  # 4 s at 1 fps
+
+
+def test_undecodable_video_is_an_input_error(pack):
+    InputError = pack["InputError"]
+    with pytest.raises(InputError, match="could not be decoded"):
+        pack["frames"].pick_vlm_frames(None, 0.0, _BrokenVideo(), 6, 0.0)
+
+
+class _FileVideo:
+    """A VIDEO backed by a file, like core Load Video's."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def get_stream_source(self):
+        return self.path
+
+    def get_components(self):
+        raise AssertionError("a file-backed VIDEO must be read through the engine (bounded memory)")
+
+
+def test_file_video_decodes_only_the_frames_the_vlm_sees(pack, tmp_path):
+    from vans.video import read_video, synthetic_frames, write_video
+
+    path = write_video(tmp_path / "clip.mp4", synthetic_frames(30, 48, 64), 10.0) or tmp_path / "clip.mp4"
+    picked = pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 6, 0.0)
+    expected = read_video(path, num_frames=6).frames
+    assert picked.shape == (6, 48, 64, 3)
+    torch.testing.assert_close(picked, expected)
+    by_rate = pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 16, 2.0)
+    assert by_rate.shape[0] == 6  # 3 s at 2 fps
+
+
+def test_corrupt_file_video_is_an_input_error_naming_the_file(pack, tmp_path):
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    with pytest.raises(pack["InputError"], match="broken.mp4"):
+        pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 6, 0.0)
+
+
+def test_context_clip_uses_the_engine_picking_and_resize(pack):
+    from vans.video import resize_frames, sample_indices
+
+    frames = torch.rand(50, 40, 90, 3, generator=torch.Generator().manual_seed(1))
+    clip = pack["conditioning"].context_clip(frames, 33, 48, 64)
+    expected = resize_frames(frames[sample_indices(50, 33)], (48, 64), resize="crop")
+    assert clip.shape == (33, 48, 64, 3)
+    torch.testing.assert_close(clip, expected)
