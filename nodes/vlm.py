@@ -1,0 +1,238 @@
+"""The VLM half of VANS: load Qwen2.5-VL (+ VANS LoRA) and write the next-event caption.
+
+The loaded model lives in a ComfyUI ModelPatcher: ComfyUI moves it to the GPU for captioning, may
+offload it when the video model needs room, and frees it on "Unload models". The loader's output
+(kept by ComfyUI's cache) is the only reference; nothing is cached on the node classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from ..vans.errors import InputError, ModelFileError
+from .display import HIDDEN, output_with_text
+from .frames import MIN_VLM_FRAMES, pick_vlm_frames
+from .host import (NONE_CHOICE, VLM_FOLDER_KEY, check_choice, engine_call, list_files, list_model_dirs,
+                   load_to_device, manage, model_file_errors, offload, resolve_dir, resolve_file)
+
+VansVLM = io.Custom("VANS_VLM")
+
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+ATTENTIONS = ["sdpa", "eager", "flash_attention_2"]
+PIXELS_PER_TOKEN = 28 * 28
+DEFAULT_MIN_PIXELS = 128 * PIXELS_PER_TOKEN
+DEFAULT_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
+MAX_PIXELS = 16384 * PIXELS_PER_TOKEN
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# model-weight shards of a Hugging Face folder are not VANS checkpoints
+_SHARD_PREFIXES = ("model.safetensors", "model-0", "diffusion_pytorch_model")
+
+
+@dataclass
+class VlmHandle:
+    """What flows through a VANS_VLM socket: the engine captioner and the patcher that places it."""
+
+    captioner: object
+    patcher: object
+    name: str
+
+
+def vlm_choices() -> list[str]:
+    return list_model_dirs(VLM_FOLDER_KEY)
+
+
+def checkpoint_choices() -> list[str]:
+    return [NONE_CHOICE] + list_files(VLM_FOLDER_KEY, (".safetensors",), exclude=_SHARD_PREFIXES)
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """``auto``: bf16 where the compute device supports it, else fp16 on GPUs, fp32 on the CPU."""
+    import comfy.model_management as mm
+
+    if name != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    device = mm.get_torch_device()
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float16
+
+
+def load_vlm(model: str, checkpoint: str, dtype: str, attention: str) -> VlmHandle:
+    from ..vans.captioner import load_captioner
+
+    folder = resolve_dir(VLM_FOLDER_KEY, model)
+    if folder is None:
+        raise ModelFileError(
+            f"model: folder '{model}' not found in models/{VLM_FOLDER_KEY}; put the Qwen2.5-VL-3B-Instruct folder "
+            f"(config.json, model*.safetensors, tokenizer files) in ComfyUI/models/{VLM_FOLDER_KEY}/ and refresh"
+        )
+    checkpoint_path = None
+    if checkpoint != NONE_CHOICE:
+        checkpoint_path = resolve_file(VLM_FOLDER_KEY, checkpoint)
+        if checkpoint_path is None:
+            raise ModelFileError(f"checkpoint: '{checkpoint}' not found in models/{VLM_FOLDER_KEY}; "
+                                 "refresh the node or pick none")
+    with model_file_errors(f"model '{model}'"), engine_call():
+        # loaded on the offload device; ComfyUI moves it to the GPU for captioning
+        captioner = load_captioner(folder, checkpoint=checkpoint_path, dtype=pick_dtype(dtype),
+                                   device=_offload_device(), attn_implementation=attention)
+    return VlmHandle(captioner=captioner, patcher=manage(captioner.model), name=model)
+
+
+def _offload_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.unet_offload_device()
+
+
+class VANSLoadVLM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VANSLoadVLM",
+            display_name="VANS Load VLM",
+            category="VANS",
+            description="Load Qwen2.5-VL-3B-Instruct from models/LLM, optionally with the VANS vlm.safetensors LoRA merged in.",
+            inputs=[
+                io.Combo.Input("model", options=vlm_choices(), tooltip=(
+                    "A Qwen2.5-VL-3B-Instruct folder (Hugging Face layout) in ComfyUI/models/LLM/ or an LLM: path "
+                    "in extra_model_paths.yaml")),
+                io.Combo.Input("checkpoint", options=checkpoint_choices(), default=NONE_CHOICE, tooltip=(
+                    "VANS vlm.safetensors (the Joint-GRPO LoRA) or a trainer export, from models/LLM/; none = the "
+                    "base model")),
+                io.Combo.Input("dtype", options=DTYPES, default="auto", tooltip=(
+                    "Weight precision; auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU")),
+                io.Combo.Input("attention", options=ATTENTIONS, default="sdpa", tooltip=(
+                    "Attention kernel; sdpa works everywhere, flash_attention_2 needs the flash-attn package "
+                    "(falls back to eager with a log line when unavailable)")),
+            ],
+            outputs=[VansVLM.Output(display_name="vlm", tooltip="The loaded VLM, for VANS Next-Event Caption")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model=None, checkpoint=None, dtype=None, attention=None):
+        folders = vlm_choices()
+        if model is not None and not folders:
+            return (f"model: no VLM folder in models/{VLM_FOLDER_KEY}; put the Qwen2.5-VL-3B-Instruct folder there "
+                    "(Hugging Face layout, with config.json) and refresh")
+        for name, value, options in (("model", model, folders), ("checkpoint", checkpoint, checkpoint_choices()),
+                                     ("dtype", dtype, DTYPES), ("attention", attention, ATTENTIONS)):
+            verdict = check_choice(name, value, options)
+            if verdict is not True:
+                return verdict
+        return True
+
+    @classmethod
+    def execute(cls, model, checkpoint, dtype, attention) -> io.NodeOutput:
+        return io.NodeOutput(load_vlm(model, checkpoint, dtype, attention))
+
+
+def check_caption_settings(num_frames=None, min_pixels=None, max_pixels=None) -> str | bool:
+    if num_frames is not None and (num_frames < MIN_VLM_FRAMES or num_frames % 2 or num_frames > 1024):
+        return f"num_frames={num_frames}: use an even number between 2 and 1024 (VANS: 6)"
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and not PIXELS_PER_TOKEN <= value <= MAX_PIXELS:
+            return f"{name}={value}: must be between {PIXELS_PER_TOKEN} (28·28) and {MAX_PIXELS}"
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        return f"min_pixels={min_pixels} is above max_pixels={max_pixels}; lower min_pixels"
+    return True
+
+
+def caption(vlm: VlmHandle, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
+            temperature, top_p, max_new_tokens, answers, seed, offload_after) -> list[tuple[str, str, str]]:
+    """(caption, think, raw) per answer. The VLM is placed by ComfyUI for the call and offloaded after
+    it when asked, also when the call fails or is cancelled."""
+    with engine_call():  # decoding reports progress and stops on Cancel too
+        clip = pick_vlm_frames(frames, fps, video, num_frames, sample_fps)
+    captioner = vlm.captioner
+    captioner.device = load_to_device(vlm.patcher)
+    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                    num_frames=clip.shape[0], min_pixels=min_pixels, max_pixels=max_pixels)
+    try:
+        with engine_call():
+            if answers == 1:
+                result = captioner.caption(clip, question, **settings)
+                if not result.caption.strip():
+                    raise InputError("the VLM wrote an empty caption; try another seed or rephrase the question")
+                return [(result.caption, result.think, result.raw)]
+            group = captioner.sample_group(clip, question, group_size=answers, **settings)
+            return [(r.caption, r.think, r.raw) for r in group.responses]
+    finally:
+        if offload_after:
+            offload(vlm.patcher)
+
+
+class VANSNextEventCaption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VANSNextEventCaption",
+            hidden=HIDDEN,
+            is_output_node=True,  # shows its result even when nothing is connected after it
+            display_name="VANS Next-Event Caption",
+            category="VANS",
+            description=(
+                "The VLM watches the video, reasons in [Think], and describes what happens next in [Ans]. The "
+                "caption goes to CLIP Text Encode for the video model."
+            ),
+            inputs=[
+                VansVLM.Input("vlm", tooltip="From VANS Load VLM"),
+                io.Image.Input("frames", optional=True, tooltip=(
+                    "The video as frames (batch = time), e.g. from Get Video Components; connect this or video")),
+                io.Video.Input("video", optional=True, tooltip=(
+                    "A core VIDEO (Load Video); only the frames the VLM sees are decoded; connect this or frames")),
+                io.String.Input("question", multiline=True, default="What will happen next?", tooltip=(
+                    "What you want to know about the video, e.g. 'What will the chef do next?'")),
+                io.Float.Input("fps", default=16.0, min=0.0, max=1000.0, step=0.001, tooltip=(
+                    "Frame rate of the frames input (Get Video Components gives it); only used with sample_fps; "
+                    "a video input carries its own")),
+                io.Int.Input("num_frames", default=6, min=2, max=1024, step=2, tooltip=(
+                    "Frames the VLM sees, spread evenly over the whole clip (VANS: 6); the upper limit when "
+                    "sample_fps is set; even, since the VLM reads frames in pairs")),
+                io.Float.Input("sample_fps", default=0.0, min=0.0, max=60.0, step=0.1, tooltip=(
+                    "0 = exactly num_frames frames; above 0 = one frame per 1/sample_fps seconds, at most num_frames")),
+                io.Int.Input("min_pixels", default=DEFAULT_MIN_PIXELS, min=PIXELS_PER_TOKEN, max=MAX_PIXELS,
+                             step=PIXELS_PER_TOKEN, tooltip="Smallest frame area the VLM reads, in pixels (VANS: 128·28·28)"),
+                io.Int.Input("max_pixels", default=DEFAULT_MAX_PIXELS, min=PIXELS_PER_TOKEN, max=MAX_PIXELS,
+                             step=PIXELS_PER_TOKEN, tooltip=(
+                                 "Largest frame area the VLM reads, in pixels (VANS: 768·28·28); lower it to save VRAM")),
+                io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.01, tooltip=(
+                    "Sampling temperature (VANS: 0.7); 0 = greedy, one fixed answer")),
+                io.Float.Input("top_p", default=0.9, min=0.01, max=1.0, step=0.01, tooltip="Nucleus sampling mass (VANS: 0.9)"),
+                io.Int.Input("max_new_tokens", default=1024, min=1, max=8192, tooltip=(
+                    "Longest answer in tokens, reasoning included (VANS: 1024)")),
+                io.Int.Input("answers", default=1, min=1, max=64, tooltip=(
+                    "Captions sampled for the same question; more than 1 gives a list, and every node after it runs "
+                    "once per caption (several futures)")),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip=(
+                    "Random seed; the same seed and inputs give the same caption")),
+                io.Boolean.Input("offload", default=True, tooltip=(
+                    "Move the VLM off the GPU when done, leaving VRAM to the video model")),
+            ],
+            outputs=[
+                io.String.Output(display_name="caption", is_output_list=True,
+                                 tooltip="The [Ans] text: the next event, to render with the video model"),
+                io.String.Output(display_name="think", is_output_list=True, tooltip="The [Think] reasoning"),
+                io.String.Output(display_name="raw", is_output_list=True,
+                                 tooltip="The whole response, for VANS Format Reward"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, num_frames=None, min_pixels=None, max_pixels=None):
+        return check_caption_settings(num_frames, min_pixels, max_pixels)
+
+    @classmethod
+    def execute(cls, vlm, question, fps, num_frames, sample_fps, min_pixels, max_pixels, temperature, top_p,
+                max_new_tokens, answers, seed, offload, frames=None, video=None) -> io.NodeOutput:
+        results = caption(vlm, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
+                          temperature, top_p, max_new_tokens, answers, seed, offload)
+        captions, thinks, raws = (list(column) for column in zip(*results))
+        shown = "\n\n".join(captions) if len(captions) == 1 else "\n\n".join(f"#{i}: {c}" for i, c in enumerate(captions))
+        return output_with_text(cls, shown, captions, thinks, raws)
+
+
+NODES = [VANSLoadVLM, VANSNextEventCaption]
