@@ -205,3 +205,19 @@ def test_cli_refuses_an_empty_question(tmp_path, demo_dir):
                    "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and "question" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_text_embeddings_are_cached_and_the_cache_is_bounded(models, monkeypatch):
+    gen = models.generator
+    gen.clear_text_cache()
+    calls = []
+    encode = gen.text_encoder.encode
+    monkeypatch.setattr(gen.text_encoder, "encode", lambda texts: calls.append(list(texts)) or encode(texts))
+    monkeypatch.setattr(type(gen), "TEXT_CACHE_SIZE", 2)
+    first = gen.encode_text(["a cat", "a dog", "a cat"])
+    assert calls == [["a cat", "a dog"]] and torch.equal(first[0], first[2])
+    gen.encode_text(["a cat"])  # cached: no encoder call, and "a cat" becomes the most recent
+    gen.encode_text(["a bird"])  # evicts the least recently used ("a dog")
+    assert calls == [["a cat", "a dog"], ["a bird"]]
+    assert gen.cached_text("a dog") is None and gen.cached_text("a cat") is not None
+    gen.clear_text_cache()

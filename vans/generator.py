@@ -8,6 +8,7 @@ context prepended at every step and stripped from every prediction) → decode.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -77,7 +78,7 @@ class VideoGenerator:
         self.device = torch.device(device)
         self.dtype = dtype
         self.offload = offload
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
 
     # -- model placement -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -93,16 +94,32 @@ class VideoGenerator:
                     torch.cuda.empty_cache()
 
     # -- 1. text ---------------------------------------------------------------------------
+    TEXT_CACHE_SIZE = 256  # prompts kept (a training run sees one anchor caption per sample)
+
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """[B, L, D] umT5 embeddings, cached per text (the negative prompt is encoded once per process)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        missing = [t for t in dict.fromkeys(texts) if self.cached_text(t) is None]
         if missing:
             with self._placed(self.text_encoder):
                 embeds = self.text_encoder.encode(missing)
             for text, emb in zip(missing, embeds):
-                self._text_cache[text] = emb.to(self.device, self.dtype)
+                self.remember_text(text, emb)
         return torch.stack([self._text_cache[t] for t in texts])
+
+    def cached_text(self, text: str) -> torch.Tensor | None:
+        """The cached embedding of ``text`` (marked as recently used), or None."""
+        emb = self._text_cache.get(text)
+        if emb is not None:
+            self._text_cache.move_to_end(text)
+        return emb
+
+    def remember_text(self, text: str, embedding: torch.Tensor) -> None:
+        """Cache an embedding computed elsewhere (e.g. loaded from a trainer's disk cache)."""
+        self._text_cache[text] = embedding.to(self.device, self.dtype)
+        self._text_cache.move_to_end(text)
+        while len(self._text_cache) > self.TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()

@@ -1,0 +1,227 @@
+"""Stage 2 (Flow-GRPO on the Wan DiT, VLM frozen) on the tiny random-weight models, CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import stage2
+from trainer.config import load_config
+from trainer.data import load_samples
+from trainer.metrics import read_metrics
+from trainer.runner import run_training, setup_runtime
+from trainer.stage2 import Stage2Config, Stage2Policy
+from vans import progress
+from vans.errors import InputError
+from trainer_fixtures import CONFIGS, demo_dataset, demo_models, tiny_overrides  # noqa: F401
+
+# A reward the tiny VDM can move: the mean brightness of the decoded rollout (no CLIP, no VLM).
+LEARN = ("anchor.source=gt", "reward.kind=brightness", "video.guidance=1.0", "video.width=16", "video.height=16",
+         "video.steps=3", "grpo.group_size=8", "grpo.same_noise=true", "run.prompts_per_step=1",
+         "run.save_every=1000", "run.plot=false")
+
+
+def make(out_dir, models, data, *extra):
+    cfg = load_config(Stage2Config, CONFIGS / "stage2_tiny.yaml", tiny_overrides(out_dir, models, data, *extra))
+    runtime = setup_runtime(cfg.run)
+    return cfg, Stage2Policy(cfg, device=runtime.device, dtype=runtime.dtype, rank=runtime.rank), runtime
+
+
+def train(cfg, policy, runtime, samples=None):
+    with progress.quiet():
+        return run_training(cfg, policy, runtime=runtime, samples=samples)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_models, demo_dataset):
+    """The tiny config as shipped (VLM anchors, CLIP reward, CFG), 2 steps of 2 prompts."""
+    out = tmp_path_factory.mktemp("stage2") / "run"
+    cfg, policy, runtime = make(out, demo_models, demo_dataset, "run.steps=2", "run.save_every=1",
+                                "anchor.max_tries=1")
+    result = train(cfg, policy, runtime)
+    return cfg, policy, result
+
+
+def test_tiny_run_logs_every_term_and_the_first_ratio_is_one(trained):
+    cfg, _, result = trained
+    assert result.finished and result.last_step == 2
+    rows = read_metrics(cfg.run.out_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("reward/clip_v_mean", "reward/clip_t_mean", "reward/total_mean", "adv/advantage_std",
+                    "ratio_mean", "clip_frac", "kl", "count/zero_spread_groups", "count/anchor_fallbacks",
+                    "time/rollout_s", "time/train_s", "time/decode_s", "time/reward_s", "mem/peak_mb",
+                    "video/frame_change_mean", "grad_norm"):
+            assert key in row, key
+        # one update per rollout: every trained transition is on-policy, recomputed bit for bit
+        assert row["logprob_diff_max"] == 0.0 and row["ratio_min"] == row["ratio_max"] == 1.0
+        assert row["clip_frac"] == 0.0
+        assert row["count/groups"] == 2 and row["count/trained_steps"] == 2 * cfg.video.steps
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the policy left the reference after the first update
+    # random tiny VLM: its captions never reach ROUGE-L 0.6, so every anchor fell back to the GT caption
+    assert rows[0]["count/anchor_fallbacks"] == 2 and rows[0]["count/anchor_vlm_calls"] == 2 * cfg.anchor.max_tries
+
+
+def test_tiny_run_writes_checkpoints_and_comfyui_exports(trained):
+    from safetensors import safe_open
+
+    cfg, policy, result = trained
+    files = {k: str(v) for k, v in result.exports.items()}
+    assert set(files) == {"lora", "dit"}
+    with safe_open(files["lora"], "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["format"] == "vans-dit-lora"
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in keys
+    assert len(keys) == 3 * len(policy.trainable_state_dict()) // 2
+    ckpts = sorted(p.name for p in (result.out_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000001", "step_00000002"]
+
+
+def test_anchor_is_redrawn_until_rouge_passes(trained, demo_dataset):
+    _, policy, _ = trained
+    sample = load_samples(demo_dataset).samples[0]
+
+    class Captioner:
+        calls = 0
+
+        def caption(self, frames, question, **kwargs):
+            Captioner.calls += 1
+            text = "unrelated words" if Captioner.calls < 3 else sample.caption + " today"
+            return type("R", (), {"caption": text})()
+
+        def offload(self):
+            return self
+
+    policy._captioner, policy._anchors = Captioner(), {}
+    policy.cfg.anchor.max_tries = 4
+    anchor, tries, fallback = policy._anchor(sample, seed=0)
+    assert (anchor, tries, fallback) == (sample.caption + " today", 3, False)
+    assert policy._anchor(sample, seed=1) == (anchor, 0, False) and Captioner.calls == 3  # reused, not redrawn
+    policy._anchors = {}
+    policy.cfg.anchor.max_tries = 2
+    Captioner.calls = -10
+    assert policy._anchor(sample, seed=0) == (sample.caption, 2, True)  # bounded tries, then the GT caption
+
+
+def test_zero_spread_group_gives_no_gradient(tmp_path, demo_models, demo_dataset):
+    cfg, policy, _ = make(tmp_path / "run", demo_models, demo_dataset, *LEARN, "grpo.group_size=4")
+    policy._reward = lambda videos, prompt: {"reward": torch.full((videos.shape[0],), 0.5), "skipped": False}
+    metrics = policy.step(load_samples(demo_dataset).samples[:1], 1)
+    assert metrics["count/zero_spread_groups"] == 1 and metrics["count/trained_steps"] == 0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.trainable_parameters())
+
+
+def _eval_brightness(policy, samples) -> float:
+    """Mean brightness of ODE samples from fixed noise (deterministic: equal weights give equal numbers)."""
+    settings = policy.cfg.generation_settings()
+    settings.noise_level = 0.0
+    values = []
+    with torch.no_grad(), progress.quiet():
+        for sample in samples:
+            noise = policy.generator.initial_noise(4, settings, seed=123)
+            cond = policy.generator.encode_text([sample.caption])
+            latents = policy.generator.sample(policy._context(sample), cond, settings, noise=noise).latents
+            values.append(policy._decode(latents).mean().item())
+    return sum(values) / len(values)
+
+
+def test_stage2_raises_a_reward_the_tiny_model_can_move(tmp_path, demo_models, demo_dataset):
+    cfg, policy, runtime = make(tmp_path / "run", demo_models, demo_dataset, *LEARN, "run.steps=8",
+                                "optim.lr=6e-3")
+    samples = load_samples(demo_dataset).samples
+    before = _eval_brightness(policy, samples[:2])
+    train(cfg, policy, runtime, samples)
+    after = _eval_brightness(policy, samples[:2])
+    rows = read_metrics(cfg.run.out_dir)
+    rewards = [r["reward/brightness_mean"] for r in rows]
+    spread = rows[0]["reward/brightness_std"]  # how much G rollouts of one prompt differ at the start
+    assert after - before > 1.5 * spread, (before, after, spread)
+    assert sum(rewards[-4:]) / 4 - sum(rewards[:4]) / 4 > 0.5 * spread, rewards
+    assert all(r["ratio_mean"] == 1.0 for r in rows)
+
+
+def test_stage2_with_lr_zero_changes_nothing(tmp_path, demo_models, demo_dataset):
+    cfg, policy, runtime = make(tmp_path / "run", demo_models, demo_dataset, *LEARN, "run.steps=2", "optim.lr=0")
+    samples = load_samples(demo_dataset).samples[:2]
+    start = {k: v.clone() for k, v in policy.trainable_state_dict().items()}
+    before = _eval_brightness(policy, samples)
+    train(cfg, policy, runtime, load_samples(demo_dataset).samples)
+    assert _eval_brightness(policy, samples) == before
+    assert all(torch.equal(v, start[k]) for k, v in policy.trainable_state_dict().items())
+    rows = read_metrics(cfg.run.out_dir)
+    assert all(r["grad_norm"] > 0 and r["kl"] == 0.0 for r in rows)  # gradients flowed, the policy did not move
+
+
+def test_full_fine_tune_step_and_merged_export(tmp_path, demo_models, demo_dataset):
+    from vans.wan import load_dit
+
+    cfg, policy, runtime = make(tmp_path / "run", demo_models, demo_dataset, *LEARN, "run.steps=1",
+                                "model.train_mode=full", "optim.lr=1e-3")
+    assert policy.frozen is not None
+    assert len(policy.trainable_parameters()) == len(list(policy.generator.dit.parameters()))
+    result = train(cfg, policy, runtime)
+    assert set(result.exports) == {"dit"}
+    merged = load_dit(result.exports["dit"], dtype=torch.float32)
+    trained = policy.generator.dit.state_dict()
+    moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, trained[k])]
+    assert not moved  # the export holds exactly the trained weights (fp32 export)
+    assert not all(torch.equal(a, b) for a, b in zip(policy.frozen.parameters(), policy.generator.dit.parameters()))
+
+
+def test_resume_replays_the_uninterrupted_run(tmp_path, demo_models, demo_dataset):
+    quick = (*LEARN, "grpo.group_size=4", "run.steps=2", "run.save_every=1", "optim.lr=1e-3")
+    whole = make(tmp_path / "whole", demo_models, demo_dataset, *quick)
+    train(*whole)
+    first = make(tmp_path / "split", demo_models, demo_dataset, *quick, "run.stop_at=1")
+    assert not train(*first).finished
+    second = make(tmp_path / "split", demo_models, demo_dataset, *quick)
+    second[0].run.resume = True
+    assert train(*second).finished
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time", "mem/"))} for r in rows]
+
+    assert strip(read_metrics(tmp_path / "split")) == strip(read_metrics(tmp_path / "whole"))
+    for k, v in whole[1].trainable_state_dict().items():
+        assert torch.equal(v, second[1].trainable_state_dict()[k]), k
+
+
+def test_two_processes_split_the_groups(tmp_path, demo_models, demo_dataset):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from trainer_fixtures import REPO
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    out = tmp_path / "ddp"
+    args = ["--config", str(CONFIGS / "stage2_tiny.yaml"), *sum((["--set", o] for o in tiny_overrides(
+        out, demo_models, demo_dataset, *LEARN, "grpo.group_size=4", "run.steps=2", "run.prompts_per_step=2")), [])]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "trainer.stage2", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["count/groups"] == 2 and r["ratio_mean"] == 1.0 for r in rows)  # one group per process, summed
+    assert (out / "export" / "vans_stage2_lora.safetensors").is_file()
+
+
+def test_cli_help_and_bad_settings(capsys):
+    with pytest.raises(SystemExit):
+        stage2.main(["--help"])
+    text = capsys.readouterr().out
+    for key in ("grpo.clip_range", "grpo.beta", "grpo.step_selection", "anchor.min_rouge", "model.train_mode",
+                "export.lora_name", "video.steps", "optim.lr"):
+        assert key in text, key
+    assert load_config(Stage2Config, CONFIGS / "stage2.yaml").grpo.clip_range == 1e-3
+    with pytest.raises(InputError, match="grpo.clip_range"):
+        load_config(Stage2Config, None, ["grpo.clip_rang=0.1"])
+    for override, match in (("grpo.group_size=1", "group_size"), ("grpo.noise_level=0", "noise_level"),
+                            ("anchor.source=human", "anchor.source"), ("grpo.step_selection=best", "selection"),
+                            ("video.num_frames=8", "num_frames")):
+        with pytest.raises(InputError, match=match):
+            load_config(Stage2Config, None, [override]).validate()
+    assert stage2.main(["--set", "models_dir=/nonexistent", "--set", "run.device=cpu"]) == 2

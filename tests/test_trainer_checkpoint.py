@@ -1,0 +1,129 @@
+"""Checkpoints and the generic runner on a toy policy: atomic saves, exact resume, kill -9, NaN, OOM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_training_state, save_training_state
+from trainer.metrics import read_metrics
+from trainer.runner import make_optimizer
+from trainer.config import OptimConfig
+from vans.errors import InputError
+from trainer_fixtures import REPO, ToyPolicy, run_toy
+
+
+def _metric_rows(out_dir):
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "mem/"))} for r in read_metrics(out_dir)]
+
+
+def test_save_load_roundtrip_restores_everything(tmp_path):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt, sched = make_optimizer([p], OptimConfig(lr=0.1, warmup=3), 10)
+    p.grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    torch.manual_seed(123)
+    path = save_training_state(tmp_path, 1, trainable={"p": p.detach()}, optimizer=opt, scheduler=sched,
+                               data_state={"position": 4}, extra={"note": "x"})
+    expected_draw = torch.rand(2)
+    opt2, sched2 = make_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(lr=0.1, warmup=3), 10)
+    torch.manual_seed(999)
+    trainable, data_state, extra = load_training_state(path, opt2, sched2)
+    assert torch.equal(torch.rand(2), expected_draw)  # RNG restored
+    assert torch.equal(trainable["p"], p.detach()) and data_state == {"position": 4}
+    assert extra == {"note": "x", "step": 1}
+    assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_partial_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_training_state(tmp_path, step, trainable={"w": torch.zeros(1)}, optimizer=None, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    (tmp_path / ".tmp-step_00000005-1").mkdir()  # a save killed half-way
+    torch.save({}, tmp_path / ".tmp-step_00000005-1" / "optimizer.pt")
+    (tmp_path / "step_00000006").mkdir()  # an incomplete folder under a final name is not trusted either
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full, toy_full = run_toy(tmp_path / "full")
+    part, _ = run_toy(tmp_path / "resumed", "run.stop_at=3")  # stops after step 3 (checkpoint at 3)
+    assert not part.finished and part.last_step == 3 and not (tmp_path / "resumed" / "export").exists()
+    rest, toy_rest = run_toy(tmp_path / "resumed", "run.resume=true")
+    assert rest.first_step == 4 and rest.finished
+    assert _metric_rows(tmp_path / "full") == _metric_rows(tmp_path / "resumed")
+    assert torch.equal(toy_full.weight, toy_rest.weight)
+    assert toy_full.batches[3:] == toy_rest.batches  # the same data position after the resume
+    assert (tmp_path / "resumed" / "export" / "toy.safetensors").is_file()
+
+
+def test_refuses_to_overwrite_without_resume(tmp_path):
+    run_toy(tmp_path, "run.steps=2")
+    with pytest.raises(InputError, match="--resume"):
+        run_toy(tmp_path, "run.steps=2")
+
+
+def test_nan_gradient_skips_the_update(tmp_path):
+    _, toy = run_toy(tmp_path, "run.steps=3", policy=ToyPolicy(nan_at={2}))
+    rows = read_metrics(tmp_path)
+    assert [r["count/skipped_updates"] for r in rows] == [0, 1, 0]
+    assert torch.isfinite(toy.weight).all()
+
+
+def test_a_step_without_learning_signal_leaves_the_weights_alone(tmp_path):
+    """All groups skipped (zero spread / NaN): AdamW's momentum must not move the weights anyway."""
+    seen = []
+
+    class Recording(ToyPolicy):
+        def step(self, batch, step):
+            seen.append(self.weight.detach().clone())
+            return super().step(batch, step)
+
+    _, toy = run_toy(tmp_path, "run.steps=4", policy=Recording(silent_at={3}))
+    rows = read_metrics(tmp_path)
+    assert [r["count/no_signal_updates"] for r in rows] == [0, 0, 1, 0]
+    assert torch.equal(seen[2], seen[3])  # step 3 changed nothing
+    assert not torch.equal(seen[1], seen[2]) and not torch.equal(seen[3], toy.weight)
+
+
+def test_out_of_memory_names_the_settings(tmp_path):
+    with pytest.raises(InputError, match=r"out of memory at step 2.*toy\.batch.*run\.prompts_per_step"):
+        run_toy(tmp_path, "run.steps=3", policy=ToyPolicy(oom_at={2}))
+
+
+def test_data_is_visited_in_epochs(tmp_path):
+    _, toy = run_toy(tmp_path, "run.steps=6")  # 6 samples, 2 per step: 2 epochs
+    first, second = sum(toy.batches[:3], []), sum(toy.batches[3:], [])
+    assert sorted(first) == sorted(second) == [f"s{i}" for i in range(6)] and first != second
+
+
+def test_kill_9_mid_run_then_resume(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "tests" / "trainer_fixtures.py"), str(out), "--sleep", "0.05",
+           "run.steps=400", "run.save_every=1", "run.keep_last=2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(read_metrics(out)) < 5:
+        time.sleep(0.05)
+    time.sleep(0.13)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = latest_checkpoint(out / "checkpoints")
+    assert latest is not None, "no checkpoint survived"
+    trainable, _, extra = load_training_state(latest, restore_rng=False)
+    done = len(read_metrics(out))
+    assert extra["step"] >= done - 1  # save_every=1: at most one step lost
+    resumed = subprocess.run(cmd[:3] + ["run.steps=" + str(extra["step"] + 2), "run.resume=true"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == list(range(1, extra["step"] + 3))
+    assert json.loads((out / "toy_rank0.json").read_text())["batches"]  # the resumed process trained

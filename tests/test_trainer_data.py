@@ -1,0 +1,107 @@
+"""Datasets (VANS CSV, JSONL) with bad rows skipped and counted; the content-keyed feature cache."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from trainer.data import FeatureCache, load_samples, write_demo_dataset
+from vans.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def csv_dataset(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("csvdata"), count=3, fmt="csv")
+
+
+def _rewrite_csv(path, rows_extra=(), drop_column=None):
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows.extend(rows_extra)
+    columns = [c for c in rows[0] if c != drop_column]
+    out = path.with_name("edited.csv")
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_csv_layout_is_read(csv_dataset):
+    report = load_samples(csv_dataset)
+    assert len(report.samples) == 3 and report.skipped == []
+    s = report.samples[0]
+    assert s.id == "s0" and s.question == "What will happen next?" and s.think.startswith("The video")
+    assert s.caption and s.video.endswith("in_0.mp4") and s.gt_video.endswith("gt_0.mp4")
+
+
+def test_corrupt_and_missing_videos_are_skipped_with_reasons(csv_dataset):
+    corrupt = csv_dataset.parent / "videos" / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x01 definitely not a video" * 50)
+    good = {"input_video_path": "videos/in_0.mp4", "output_video_path": "videos/gt_0.mp4",
+            "ENG_Instruction": "q", "ENG_Think": "", "ENG_GT_Caption": "c"}
+    extra = [dict(good, id="bad1", input_video_path="videos/corrupt.mp4"),
+             dict(good, id="bad2", output_video_path="videos/missing.mp4"),
+             dict(good, id="bad3", ENG_GT_Caption="")]
+    report = load_samples(_rewrite_csv(csv_dataset, extra))
+    assert len(report.samples) == 3 and len(report.skipped) == 3
+    reasons = " | ".join(r for _, r in report.skipped)
+    assert "corrupt.mp4" in reasons and "missing.mp4" in reasons and "caption" in reasons
+    assert "3 rows skipped" in report.summary()
+
+
+def test_missing_column_names_it(csv_dataset):
+    with pytest.raises(InputError, match="ENG_GT_Caption"):
+        load_samples(_rewrite_csv(csv_dataset, drop_column="ENG_GT_Caption"))
+
+
+def test_empty_dataset_and_nothing_usable(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no rows"):
+        load_samples(empty)
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("input_video_path,output_video_path,ENG_Instruction,ENG_GT_Caption\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no rows"):
+        load_samples(header_only)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"video": "x.mp4", "question": "q", "caption": "c", "gt_video": "y.mp4"}) + "\n{oops\n")
+    with pytest.raises(InputError, match="no usable sample.*2 rows skipped"):
+        load_samples(bad)
+    with pytest.raises(InputError, match="not found"):
+        load_samples(tmp_path / "nope.csv")
+
+
+def test_jsonl_and_video_root(tmp_path):
+    path = write_demo_dataset(tmp_path / "d", count=2)
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(InputError, match="no usable sample"):  # relative paths now point nowhere
+        load_samples(moved)
+    report = load_samples(moved, video_root=path.parent, max_samples=1)
+    assert len(report.samples) == 1 and report.samples[0].id == "s0"
+
+
+def test_feature_cache_computes_once_and_keys_by_content(tmp_path):
+    video = tmp_path / "v.bin"
+    video.write_bytes(b"first")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": torch.full((2,), float(len(calls)))}
+
+    cache = FeatureCache(tmp_path / "cache")
+    first = cache.get_or_compute("ctx", (video, 32, "fp32"), compute)
+    again = FeatureCache(tmp_path / "cache").get_or_compute("ctx", (video, 32, "fp32"), compute)  # from disk
+    assert len(calls) == 1 and torch.equal(first["a"], again["a"])
+    assert FeatureCache(tmp_path / "cache").get_or_compute("ctx", (video, 64, "fp32"), compute)["a"][0] == 2
+    renamed = tmp_path / "renamed.bin"
+    renamed.write_bytes(b"first")  # same content, other name: a hit
+    assert cache.get_or_compute("ctx", (renamed, 32, "fp32"), compute)["a"][0] == 1
+    video.write_bytes(b"second")  # new content: recomputed
+    assert FeatureCache(tmp_path / "cache").get_or_compute("ctx", (video, 32, "fp32"), compute)["a"][0] == 3
+    single = cache.get_or_compute("t", ("text",), lambda: torch.ones(3))
+    assert isinstance(single, torch.Tensor) and FeatureCache(tmp_path / "cache").get_or_compute(
+        "t", ("text",), lambda: torch.zeros(3)).sum() == 3

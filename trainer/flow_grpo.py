@@ -1,0 +1,163 @@
+"""Flow-GRPO for stage 2: which SDE steps are actions, their recomputed log-probs, and the clipped loss.
+
+The math is ``vans.sampling``'s (GRPO.md §3): a rollout is ``sample_flow`` with ``noise_level`` > 0, which
+stores for each kept step i the state x_i, the sampled x_{i+1} and log p_old(x_{i+1} | x_i) (a mean over
+the elements of the target latents). Training recomputes the same transition with gradient through the
+one model call (``VideoGenerator.model_velocity`` via ``guided_velocity``) with ``prev_sample`` = the stored
+x_{i+1}, so before any update the ratio r = exp(log p_θ − log p_old) is exactly 1 (GRPO.md §6.2).
+
+Loss per trained step, averaged over samples (GRPO.md §3.4):
+    max(−Â·r, −Â·clip(r, 1 − ε, 1 + ε)) + β·KL(μ_θ ‖ μ_ref),
+with KL between the two Gaussian steps of equal covariance (``vans.sampling.gaussian_step_kl``: mean over
+elements of ‖μ_θ − μ_ref‖² / (2·std²)), ε = 1e-3 and β = 0.004 (VANS / Flow-GRPO Wan). Advantages come
+from ``vans.rewards.group_advantages`` and are clipped to ±``adv_clip``.
+
+Step selection (``plan_steps``): ``all`` (SDE and train every step), ``fraction`` (SDE everywhere, train a
+random subset of ⌊K·fraction⌋ steps, DanceGRPO) or ``window`` (Flow-GRPO-Fast: ODE, then ``window_size``
+SDE steps starting at a random step inside the high-noise range, then ODE; only the SDE steps train).
+The chosen steps are shared by the whole group, so advantages are not confounded by step difficulty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vans.errors import InputError
+from vans.rewards import group_advantages
+from vans.sampling import VelocityFn, flow_sigmas, gaussian_step_kl, sde_step_logprob
+
+STEP_SELECTIONS = ("all", "fraction", "window")
+
+
+@dataclass
+class StepPlan:
+    """Which steps of a K-step rollout are stochastic (``sde_steps``; None = all) and which are trained."""
+
+    sde_steps: list[int] | None
+    train_steps: list[int]
+
+
+def plan_steps(num_steps: int, selection: str = "all", *, fraction: float = 1.0,
+               window: tuple[float, float] = (0.0, 0.5), window_size: int = 2,
+               generator: torch.Generator | None = None) -> StepPlan:
+    """Draw the SDE / trained steps for one group (see the module docstring)."""
+    if num_steps < 1:
+        raise InputError(f"steps={num_steps}: a rollout needs at least one step")
+    if selection == "all":
+        return StepPlan(None, list(range(num_steps)))
+    if selection == "fraction":
+        if not 0 < fraction <= 1:
+            raise InputError(f"train_fraction={fraction}: must be in (0, 1]")
+        count = max(1, math.floor(num_steps * fraction))
+        picked = torch.randperm(num_steps, generator=generator)[:count]
+        return StepPlan(None, sorted(int(i) for i in picked))
+    if selection == "window":
+        lo, hi = window
+        if not 0 <= lo < hi <= 1:
+            raise InputError(f"window={list(window)}: need 0 <= start < end <= 1 (fractions of the steps, 0 = pure noise)")
+        size = max(1, min(int(window_size), num_steps))
+        first = min(int(math.floor(lo * num_steps)), num_steps - size)
+        last = max(first, min(int(math.ceil(hi * num_steps)) - size, num_steps - size))
+        start = first + int(torch.randint(last - first + 1, (1,), generator=generator))
+        steps = list(range(start, start + size))
+        return StepPlan(steps, steps)
+    raise InputError(f"step selection {selection!r}: use one of {', '.join(STEP_SELECTIONS)}")
+
+
+def sigma_cap(num_steps: int, shift: float) -> float:
+    """The σ used instead of 1 in the SDE std at the first step, exactly as ``sample_flow`` picks it."""
+    return float(flow_sigmas(num_steps, shift)[1]) if num_steps > 1 else 0.5
+
+
+def advantages(rewards: torch.Tensor, group_size: int, adv_clip: float = 5.0) -> torch.Tensor:
+    """Per-group normalised rewards, clipped to ±adv_clip; a group with no spread is exactly 0."""
+    return group_advantages(rewards, group_size).clamp(-adv_clip, adv_clip)
+
+
+def zero_spread_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bool [num_groups]: groups whose rewards are all equal (no preference, no gradient: they are skipped)."""
+    grouped = torch.as_tensor(rewards).reshape(-1, group_size)
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
+
+
+def step_logprob(velocity: VelocityFn, x: torch.Tensor, x_next: torch.Tensor, sigma: torch.Tensor,
+                 sigma_next: torch.Tensor, *, noise_level: float, cap: float, model_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob [B] of the stored transition x → x_next under the current model, with its mean and std.
+
+    ``x`` is fed to the model in ``model_dtype`` exactly as ``sample_flow`` fed it during the rollout.
+    """
+    v = velocity(x.to(model_dtype), sigma)
+    _, logprob, mean, std = sde_step_logprob(x, v, sigma, sigma_next, noise_level=noise_level, sigma_cap=cap,
+                                             prev_sample=x_next)
+    if logprob is None:
+        raise InputError("noise_level=0 makes every step deterministic: Flow-GRPO needs noise_level > 0 (e.g. 0.7)")
+    return logprob, mean, std
+
+
+def clipped_policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, adv: torch.Tensor,
+                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO-clip per sample: (loss [B], ratio [B], clipped [B] bool)."""
+    ratio = torch.exp(logprob - old_logprob.to(logprob))
+    adv = adv.to(logprob)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio, (ratio - 1.0).abs() > clip_range
+
+
+def flow_grpo_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, adv: torch.Tensor, *, clip_range: float,
+                   beta: float, mean: torch.Tensor | None = None, ref_mean: torch.Tensor | None = None,
+                   std: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean over samples of the clipped policy loss + β·KL. Returns (loss, detached per-sample stats)."""
+    policy, ratio, clipped = clipped_policy_loss(logprob, old_logprob, adv, clip_range)
+    loss = policy.mean()
+    kl = torch.zeros_like(policy)
+    if beta > 0:
+        if ref_mean is None or mean is None or std is None:
+            raise InputError("beta > 0 needs the reference step mean; pass mean, ref_mean and std")
+        kl = gaussian_step_kl(mean, ref_mean, std)
+        loss = loss + beta * kl.mean()
+    stats = {"policy_loss": policy.detach(), "ratio": ratio.detach(), "clipped": clipped.detach().float(),
+             "kl": kl.detach(), "approx_kl": 0.5 * (logprob - old_logprob.to(logprob)).detach() ** 2}
+    return loss, stats
+
+
+def train_on_rollout(velocity: VelocityFn, rollout, train_steps: list[int], adv: torch.Tensor, *,
+                     noise_level: float, cap: float, model_dtype: torch.dtype, clip_range: float, beta: float,
+                     reference=None, loss_scale: float = 1.0, micro_batch: int = 0) -> dict[str, list[float]]:
+    """Backward the Flow-GRPO loss of one group's stored rollout (``vans.sampling.SampleResult`` with the
+    ``train_steps`` kept), one trained step (and micro-batch) at a time so only one graph lives at once.
+
+    ``reference``: a zero-argument callable returning a context manager inside which ``velocity`` computes
+    the reference policy (needed when ``beta`` > 0). ``loss_scale`` divides the sum over steps and groups
+    into a mean. ``micro_batch`` rows per forward (0 = the whole group, the rollout's own batch size, which
+    keeps the first ratio exactly 1). Returns per-step lists of detached statistics.
+    """
+    sigmas = rollout.sigmas
+    rows = adv.shape[0]
+    chunk = rows if micro_batch <= 0 else min(micro_batch, rows)
+    stats: dict[str, list[float]] = {}
+    for i in train_steps:
+        if i not in rollout.logprobs:
+            raise InputError(f"step {i} was not stored as an SDE step of the rollout; keep_steps must hold the trained steps")
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            x, x_next = rollout.states[i][part], rollout.next_states[i][part]
+            ref_mean = None
+            if beta > 0:
+                with torch.no_grad(), reference():
+                    _, ref_mean, _ = step_logprob(velocity, x, x_next, sigmas[i], sigmas[i + 1],
+                                                  noise_level=noise_level, cap=cap, model_dtype=model_dtype)
+            logprob, mean, std = step_logprob(velocity, x, x_next, sigmas[i], sigmas[i + 1],
+                                              noise_level=noise_level, cap=cap, model_dtype=model_dtype)
+            loss, step_stats = flow_grpo_loss(logprob, rollout.logprobs[i][part], adv[part], clip_range=clip_range,
+                                              beta=beta, mean=mean, ref_mean=ref_mean, std=std)
+            (loss * loss_scale * (x.shape[0] / rows)).backward()
+            for name, values in step_stats.items():
+                stats.setdefault(name, []).extend(values.float().cpu().tolist())
+            stats.setdefault("logprob_diff", []).extend(
+                (logprob.detach() - rollout.logprobs[i][part].to(logprob)).abs().cpu().tolist())
+    return stats

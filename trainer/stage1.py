@@ -1,0 +1,451 @@
+"""Joint-GRPO stage 1: train the VLM captioner (LoRA) with the video model frozen inside the reward.
+
+    python -m trainer.stage1 --config trainer/configs/stage1.yaml [--set key=value ...] [--resume]
+    accelerate launch -m trainer.stage1 --config ...        (data parallel over processes)
+
+One step, per prompt (video, question, ground-truth caption and next-event video):
+
+    G captions from the policy in one batched generate (``Captioner.sample_group``, sampling log-probs kept)
+    → each caption rendered by the frozen Wan DiT from the cached context latents of the input clip
+      (``VideoGenerator``: ``render.steps`` Euler steps, default 20; one shared initial noise per group
+      so that renders differ by their caption only; ``render.batch`` videos per DiT batch)
+    → r1 = w_f·norm(format) + w_r·norm(ROUGE-L) + w_c·norm(CLIP-V(render, GT video))  (``vans.rewards``)
+    → advantage = group-normalised r1 → token-level GRPO loss (PPO clip ε, k3 KL β against the same
+      model with the adapter disabled) → backward.
+
+Normalisation: each reward term is z-scored within its group of G ((x − mean) / (population std + 1e-4),
+``vans.rewards.combine_group_rewards``) before the weighted sum, and the sum is z-scored again for the
+advantage. Per-group z-scoring is what "a sum of the normalized individual rewards" (VANS App. B.1)
+requires: the three terms live on different scales (format is 0/1, ROUGE-L 0..1 with small spread,
+CLIP-V cosines within a few hundredths of each other), so raw sums would let the term with the largest
+spread decide alone; normalising per group puts them on equal footing and keeps them independent of
+the prompt's difficulty. A term with no spread in a group contributes 0 there; a group with a NaN/inf
+term is skipped (zero advantage, counted in ``groups/nan_skipped``); a group whose total has no spread
+carries no preference and is not trained on (``groups/zero_spread``), so it adds exactly zero gradient.
+
+Cached once per sample (``data.FeatureCache``, keyed by file contents and settings): the context
+latents of the input clip, the CLIP features of the GT video, the umT5 embedding of the negative prompt.
+One update per rollout: π_old is the detached policy, so the logged ratio is 1 and the clip does not
+fire (GRPO.md §2); ``logp_mismatch`` logs max |recomputed − sampling-time log-prob| as the check that
+the training forward matches the sampler.
+
+Exports (``<out_dir>/export``): ``vlm_lora.safetensors`` (the adapter, ``vans.lora.save_lora`` format,
+relative to the start weights) and ``vlm_merged.safetensors`` (the whole VLM with the start checkpoint
+and the adapter merged, plain layout) which ``vans.captioner.load_captioner(folder, checkpoint=...)``
+and the ComfyUI VLM loader take directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vans.errors import InputError, VansError
+from vans.lora import DEFAULT_TARGETS
+
+from .config import DataConfig, OptimConfig, RunConfig, doc, parse_cli, section
+from .data import FeatureCache, Sample
+from .grpo import grpo_token_loss
+from .runner import Runtime, run_training, setup_runtime
+
+log = logging.getLogger("vans.trainer")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class LoraSection:
+    r: int = doc(8, "LoRA rank (VANS: 8)")
+    alpha: float = doc(32.0, "LoRA alpha (VANS: 32); the update is scaled by alpha / r")
+    dropout: float = doc(0.0, "LoRA dropout; 0 keeps the training log-probs equal to the sampling ones")
+    targets: list = doc(list(DEFAULT_TARGETS), "linear layers to adapt (name suffixes)")
+    exclude: list = doc(["visual"], "module path parts left alone (the vision tower by default)")
+
+
+@dataclass
+class RolloutSection:
+    group_size: int = doc(8, "G: captions sampled per prompt (VANS: 8)")
+    temperature: float = doc(0.7, "sampling temperature (official code: 0.7)")
+    top_p: float = doc(0.9, "nucleus sampling threshold (official code: 0.9)")
+    max_new_tokens: int = doc(256, "longest completion (official generate_grpo_samples: 256)")
+    vlm_frames: int = doc(6, "frames of the input clip the VLM sees (VANS: 6)")
+    min_pixels: int = doc(128 * 28 * 28, "smallest frame area for the VLM")
+    max_pixels: int = doc(768 * 28 * 28, "largest frame area for the VLM")
+    include_eos: bool = doc(True, "the end token is an action (the policy learns where to stop)")
+
+
+@dataclass
+class RenderSection:
+    width: int = doc(640, "rendered video width (VANS: 640)")
+    height: int = doc(352, "rendered video height (VANS: 352)")
+    num_frames: int = doc(33, "frames of the input clip and of the render (4n+1; VANS: 33)")
+    num_context: int = doc(6, "clean context latents taken from the input clip (VANS: 6)")
+    steps: int = doc(20, "denoising steps of each rollout render")
+    guidance: float = doc(5.0, "classifier-free guidance scale (1 = off, half the DiT calls)")
+    shift: float = doc(5.0, "flow-matching timestep shift")
+    batch: int = doc(8, "captions rendered per DiT batch")
+    same_noise: bool = doc(True, "one initial noise for the whole group, so renders differ by caption only")
+    offload: bool = doc(False, "keep models on the CPU between uses (saves GPU memory, costs transfers)")
+
+
+@dataclass
+class RewardSection:
+    format_weight: float = doc(1.0, "weight of the normalised format term (VANS: 1)")
+    rouge_l_weight: float = doc(1.0, "weight of the normalised ROUGE-L term (VANS: 1)")
+    clip_v_weight: float = doc(1.0, "weight of the normalised CLIP-V term (VANS: 1); 0 skips rendering")
+    eps: float = doc(1e-4, "added to the group std when normalising")
+
+
+@dataclass
+class LossSection:
+    clip_eps: float = doc(0.2, "PPO clip range epsilon (official stage-1 code: 0.2)")
+    beta: float = doc(0.004, "KL weight against the adapter-disabled reference (VANS: 0.004); 0 skips the reference pass")
+    loss_type: str = doc("sequence", "sequence: mean over each completion's tokens, then over completions (VANS); "
+                                     "token: mean over all action tokens")
+
+
+@dataclass
+class ExportSection:
+    adapter: bool = doc(True, "write export/vlm_lora.safetensors (the LoRA adapter)")
+    merged: bool = doc(True, "write export/vlm_merged.safetensors (full VLM weights, adapter merged)")
+
+
+@dataclass
+class Stage1Config:
+    models_dir: str = doc("", "ComfyUI models/ folder with the Qwen2.5-VL folder, Wan DiT, umT5, VAE and CLIP")
+    vlm_checkpoint: str = doc("auto", "start weights applied before the adapter: auto (the VANS vlm.safetensors "
+                                      "found in models_dir, if any), none, or a file path")
+    data: DataConfig = section(DataConfig, "dataset")
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage1", steps=800),
+                           metadata={"help": "run length, checkpoints, devices"})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5), metadata={"help": "optimizer"})
+    lora: LoraSection = section(LoraSection, "LoRA adapter on the VLM")
+    rollout: RolloutSection = section(RolloutSection, "caption sampling")
+    render: RenderSection = section(RenderSection, "rendering captions with the frozen video model")
+    reward: RewardSection = section(RewardSection, "reward r1 = format + ROUGE-L + CLIP-V")
+    loss: LossSection = section(LossSection, "GRPO loss")
+    export: ExportSection = section(ExportSection, "what the end of the run writes")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policy
+
+
+def _generation_settings(render: RenderSection):
+    from vans.generator import GenerationSettings
+
+    settings = GenerationSettings(width=render.width, height=render.height, num_frames=render.num_frames,
+                                  num_context=render.num_context, steps=render.steps, guidance=render.guidance,
+                                  shift=render.shift)
+    settings.validate()
+    return settings
+
+
+class Stage1Policy:
+    """The captioner with a LoRA adapter (trained), the frozen video model and CLIP (reward)."""
+
+    memory_settings = ("rollout.group_size", "rollout.max_new_tokens", "rollout.max_pixels", "render.batch",
+                       "render.width/height/num_frames", "or set render.offload=true")
+
+    def __init__(self, cfg: Stage1Config, runtime: Runtime):
+        from vans.clip import load_clip
+        from vans.lora import add_lora, lora_modules
+        from vans.models import require, resolve_models
+        from vans.pipeline import load_models
+
+        self.cfg = cfg
+        self.runtime = runtime
+        self.settings = _generation_settings(cfg.render)
+        if cfg.rollout.group_size < 2:
+            raise InputError(f"rollout.group_size is {cfg.rollout.group_size}; GRPO needs at least 2 (VANS: 8)")
+        paths = resolve_models(cfg.models_dir or None)
+        start = self._start_checkpoint(paths)
+        paths = dataclasses.replace(paths, vlm_checkpoint=start)
+        require(paths, ("vlm", "dit", "text_encoder", "vae", "clip"), cfg.models_dir or None)
+        self.paths = paths
+        models = load_models(paths, device=runtime.device, dtype=runtime.dtype, offload=cfg.render.offload)
+        self.captioner, self.generator = models.captioner, models.generator
+        self.captioner.to(runtime.device)
+        for module in (self.generator.dit, self.generator.text_encoder, self.generator.vae):
+            module.requires_grad_(False)
+        self.clip = load_clip(paths.clip, device=runtime.device)
+        torch.manual_seed(cfg.run.seed)  # the same adapter init on every process
+        add_lora(self.captioner.model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha,
+                 dropout=cfg.lora.dropout, exclude=cfg.lora.exclude, dtype=torch.float32)
+        self.lora = lora_modules(self.captioner.model)
+        self.cache = FeatureCache(cfg.data.cache_dir or Path(cfg.run.out_dir) / "cache")
+
+    def _start_checkpoint(self, paths) -> Path | None:
+        choice = self.cfg.vlm_checkpoint
+        if choice in ("", "none"):
+            return None
+        if choice == "auto":
+            return paths.vlm_checkpoint
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise InputError(f"vlm_checkpoint file not found: {path}; give a path, auto or none")
+        return path
+
+    # -- TrainingPolicy -------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.lora.values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        from vans.lora import lora_state_dict
+
+        return {k: v.clone() for k, v in lora_state_dict(self.captioner.model).items()}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        from vans.lora import load_lora_state_dict
+
+        load_lora_state_dict(self.captioner.model, sd, strict=True)
+
+    # -- cached per-sample inputs -----------------------------------------------------------------------
+
+    def _context(self, sample: Sample) -> torch.Tensor:
+        from vans.video import read_video
+
+        s = self.settings
+
+        def compute():
+            clip = read_video(sample.video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
+                              what="input video")
+            return self.generator.encode_context(clip.frames, s.num_context).float().cpu()
+
+        key = (Path(sample.video), Path(self.paths.vae), s.height, s.width, s.num_frames, s.num_context,
+               str(self.runtime.dtype))
+        return self.cache.get_or_compute("context", key, compute).to(self.runtime.device, self.runtime.dtype)
+
+    def _gt_features(self, sample: Sample) -> torch.Tensor:
+        from vans.video import read_video
+
+        s = self.settings
+
+        def compute():
+            clip = read_video(sample.gt_video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
+                              what="ground-truth video")
+            return self.clip.image_features(clip.frames).float().cpu()
+
+        key = (Path(sample.gt_video), Path(self.paths.clip), s.height, s.width, s.num_frames)
+        return self.cache.get_or_compute("gt_clip", key, compute)
+
+    def _negative_prompt(self) -> None:
+        """Put the cached umT5 embedding of the negative prompt into the generator's text cache."""
+        text = self.settings.negative_prompt
+        if self.settings.guidance == 1.0 or self.generator.cached_text(text) is not None:
+            return
+
+        def compute():
+            return self.generator.encode_text([text])[0].float().cpu()
+
+        emb = self.cache.get_or_compute("text", (Path(self.paths.text_encoder), text, str(self.runtime.dtype)), compute)
+        self.generator.remember_text(text, emb)
+
+    # -- rollout ----------------------------------------------------------------------------------------
+
+    def _sample_group(self, sample: Sample):
+        from vans.video import read_video
+
+        r = self.cfg.rollout
+        clip = read_video(sample.video, num_frames=r.vlm_frames, min_frames=1, what="input video")
+        return self.captioner.sample_group(
+            clip.frames, sample.question, r.group_size, temperature=r.temperature, top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens, seed=None, num_frames=r.vlm_frames, min_pixels=r.min_pixels,
+            max_pixels=r.max_pixels, include_eos=r.include_eos)
+
+    @torch.no_grad()
+    def render(self, sample: Sample, captions: list[str], step: int, index: int) -> list[torch.Tensor]:
+        """The frozen VDM's video [T, H, W, 3] for each caption, from the sample's cached context."""
+        s, batch = self.settings, max(1, self.cfg.render.batch)
+        context = self._context(sample)
+        self._negative_prompt()
+        seed = (self.cfg.run.seed * 1_000_003 + step * 997 + index) % 2**63
+        if self.cfg.render.same_noise:
+            noise = self.generator.initial_noise(1, s, seed=seed).expand(len(captions), -1, -1, -1, -1)
+        else:
+            noise = self.generator.initial_noise(len(captions), s, seed=seed)
+        videos = []
+        for start in range(0, len(captions), batch):
+            chunk = captions[start:start + batch]
+            emb = self.generator.encode_text(chunk)
+            result = self.generator.sample(context, emb, s, batch=len(chunk), noise=noise[start:start + len(chunk)])
+            videos.extend(self.generator.decode(result.latents).float())
+        return videos
+
+    def _clip_v(self, sample: Sample, group, step: int, index: int) -> torch.Tensor:
+        if self.cfg.reward.clip_v_weight == 0:
+            return torch.zeros(group.group_size)
+        videos = self.render(sample, [r.caption for r in group.responses], step, index)
+        return self.clip.clip_v_group(videos, gt_features=self._gt_features(sample))
+
+    def rewards(self, sample: Sample, group, clip_v: torch.Tensor) -> dict:
+        """``vans.rewards.stage1_reward`` terms, the weighted sum of the normalised terms, its advantage."""
+        from vans.rewards import group_advantages, stage1_reward
+
+        w = self.cfg.reward
+        out = stage1_reward(group.texts, [sample.caption], clip_v, group.group_size, w.eps)
+        total = w.format_weight * out["format_norm"] + w.rouge_l_weight * out["rouge_l_norm"] \
+            + w.clip_v_weight * out["clip_v_norm"]
+        out["total_raw"] = w.format_weight * out["format"] + w.rouge_l_weight * out["rouge_l"] \
+            + w.clip_v_weight * out["clip_v"]
+        out["advantages"] = group_advantages(total, group.group_size, w.eps)
+        return out
+
+    # -- train ------------------------------------------------------------------------------------------
+
+    def group_loss(self, group, advantages: torch.Tensor) -> tuple[torch.Tensor, dict, float]:
+        """(loss, stats, logp mismatch) of one group; the loss has a graph into the adapter."""
+        from vans.lora import adapters_disabled
+
+        loss_cfg = self.cfg.loss
+        model = self.captioner.model
+        model.train()
+        try:
+            logp = self.captioner.completion_logprobs(group)
+            ref = None
+            if loss_cfg.beta:
+                with torch.no_grad(), adapters_disabled(model):
+                    ref = self.captioner.completion_logprobs(group)
+        finally:
+            model.eval()
+        mask = group.action_mask.to(logp.device)
+        loss, stats = grpo_token_loss(logp, logp.detach(), ref, advantages.to(logp.device), mask,
+                                      loss_cfg.clip_eps, loss_cfg.beta, loss_cfg.loss_type)
+        sampled = group.logprobs.to(logp.device)
+        mismatch = float(((logp.detach() - sampled).abs() * mask).max()) if mask.any() else 0.0
+        return loss, stats, mismatch
+
+    def step(self, batch: list[Sample], step: int) -> dict:
+        timings = {"rollout": 0.0, "render": 0.0, "train": 0.0}
+        rollouts = []
+        for index, sample in enumerate(batch):
+            t0 = time.perf_counter()
+            group = self._sample_group(sample)
+            t1 = time.perf_counter()
+            clip_v = self._clip_v(sample, group, step, index)
+            t2 = time.perf_counter()
+            rollouts.append((group, self.rewards(sample, group, clip_v)))
+            timings["rollout"] += t1 - t0
+            timings["render"] += t2 - t1
+        self.generator.clear_text_cache()
+
+        stats_all, mismatches, zero_spread, nan_groups, trained = [], [], 0, 0, 0
+        t0 = time.perf_counter()
+        for group, reward in rollouts:
+            if reward["num_skipped"]:
+                nan_groups += 1
+                log.warning("step %d: a group has a non-finite reward term; it is skipped", step)
+                continue
+            if not bool(reward["advantages"].abs().gt(0).any()):
+                zero_spread += 1
+                continue
+            loss, stats, mismatch = self.group_loss(group, reward["advantages"])
+            (loss / len(batch)).backward()
+            stats["loss"] = float(loss.detach())
+            stats_all.append(stats)
+            mismatches.append(mismatch)
+            trained += 1
+        timings["train"] = time.perf_counter() - t0
+        return self._metrics(rollouts, stats_all, mismatches, zero_spread, nan_groups, trained, timings)
+
+    @staticmethod
+    def _metrics(rollouts, stats_all, mismatches, zero_spread, nan_groups, trained, timings) -> dict:
+        def mean(values):
+            values = [v for v in values if torch.isfinite(torch.tensor(v))]
+            return sum(values) / len(values) if values else float("nan")
+
+        cat = {k: torch.cat([r[k] for _, r in rollouts]) for k in ("format", "rouge_l", "clip_v", "total_raw",
+                                                                     "advantages")}
+        finite = torch.isfinite(cat["total_raw"])
+        adv = cat["advantages"]
+        metrics = {
+            "reward/total": float(cat["total_raw"][finite].mean()) if finite.any() else float("nan"),
+            "reward/format": float(cat["format"][finite].mean()) if finite.any() else float("nan"),
+            "reward/rouge_l": float(cat["rouge_l"][finite].mean()) if finite.any() else float("nan"),
+            "reward/clip_v": float(cat["clip_v"][finite].mean()) if finite.any() else float("nan"),
+            "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)),
+            "adv/abs_max": float(adv.abs().max()),
+            "groups/total": len(rollouts), "groups/trained": trained, "groups/zero_spread": zero_spread,
+            "groups/nan_skipped": nan_groups,
+            "tokens/mean_len": mean([float(n) for g, _ in rollouts for n in g.lengths]),
+            "time/rollout_s": timings["rollout"], "time/render_s": timings["render"], "time/train_s": timings["train"],
+        }
+        for key in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "kl", "pg_loss", "kl_loss", "loss"):
+            default = 1.0 if key.startswith("ratio") else 0.0  # no group trained: nothing moved
+            metrics[key] = mean([s[key] for s in stats_all]) if stats_all else default
+        metrics["logp_mismatch"] = max(mismatches) if mismatches else 0.0
+        return metrics
+
+    # -- export -----------------------------------------------------------------------------------------
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every VLM tensor under its plain name with each adapter folded in; the model is not modified."""
+        deltas = {f"{name}.base_layer.weight": module for name, module in self.lora.items()}
+        out, seen = {}, set()
+        for name, tensor in self.captioner.model.named_parameters(remove_duplicate=False):
+            if ".lora_A." in name or ".lora_B." in name or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            value = tensor.detach()
+            if name in deltas:
+                value = (value.float() + deltas[name].delta_weight().to(value.device)).to(value.dtype)
+            out[name.replace(".base_layer.", ".")] = value.cpu()
+        return out
+
+    def export(self, out_dir: Path) -> dict[str, str]:
+        from vans.checkpoints import save_state_dict
+        from vans.lora import save_lora
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = self.paths.vlm_checkpoint.name if self.paths.vlm_checkpoint else "none"
+        written = {}
+        if self.cfg.export.adapter:
+            written["adapter"] = str(save_lora(self.captioner.model, out_dir / "vlm_lora.safetensors",
+                                               extra_metadata={"start_checkpoint": start, "stage": "1"}))
+        if self.cfg.export.merged:
+            written["merged"] = str(save_state_dict(self.merged_state_dict(), out_dir / "vlm_merged.safetensors",
+                                                    metadata={"format": "vans-merged", "start_checkpoint": start,
+                                                              "stage": "1"}))
+        info = {"base_model": str(self.paths.vlm), "start_checkpoint": start, **written,
+                "load": "vans.captioner.load_captioner(base_model, checkpoint=merged)"}
+        (out_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = None
+    try:
+        cfg = parse_cli(Stage1Config, argv, "python -m trainer.stage1",
+                        "Joint-GRPO stage 1: GRPO on the VLM captioner (LoRA), video model frozen in the reward.")
+        runtime = setup_runtime(cfg.run)
+        logging.basicConfig(level=logging.INFO if runtime.is_main else logging.WARNING,
+                            format=f"[rank {runtime.rank}] %(message)s" if runtime.distributed else "%(message)s")
+        policy = Stage1Policy(cfg, runtime)
+        result = run_training(cfg, policy, runtime=runtime)
+    except VansError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if runtime.is_main:
+        done = "finished" if result.finished else f"stopped at step {result.last_step} (resume with --resume)"
+        print(f"stage 1 {done}: {result.out_dir}/metrics.jsonl, checkpoints in {result.out_dir}/checkpoints"
+              + "".join(f", {k}: {v}" for k, v in result.exports.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Stage 2 of Joint-GRPO: Flow-GRPO on the Wan2.1 DiT with the stage-1 VLM frozen (VANS §6.3).
+
+    python -m trainer.stage2 --config trainer/configs/stage2.yaml [--set key=value ...] [--resume]
+    accelerate launch -m trainer.stage2 --config ...            (data parallel, one process per GPU)
+
+One optimizer step, per prompt (a dataset sample) of the local batch:
+
+1. **anchor caption**: the frozen VLM (``Captioner.caption``) describes the next event; it is drawn again
+   until its ROUGE-L against the ground-truth caption reaches ``anchor.min_rouge`` (0.6), at most
+   ``anchor.max_tries`` times, else the ground-truth caption is used (counted as ``anchor_fallbacks``);
+2. **context**: the input clip's clean context latents, VAE-encoded once per sample and cached
+   (memory + ``FeatureCache`` on disk), as are the GT video's CLIP features;
+3. **rollouts**: G = ``grpo.group_size`` SDE trajectories (``VideoGenerator.sample`` with noise_level > 0),
+   optionally from one shared initial noise; states and log-probs are kept for the trained steps only;
+4. **reward**: r2 = norm(CLIP-V(video, GT video)) + norm(CLIP-T(video, anchor)) (``vans.rewards.stage2_reward``);
+   advantages per group; a group without reward spread is skipped (no gradient) and counted;
+5. **loss**: ``trainer.flow_grpo.train_on_rollout`` recomputes each trained step with gradient through
+   ``VideoGenerator.guided_velocity`` (the one model call) and backpropagates the clipped loss + β·KL.
+
+The runner (``trainer.runner``) owns the optimizer, schedule, clipping, checkpoints, resume, data
+sharding and metrics; ``export`` writes a ComfyUI LoRA and a merged DiT (``trainer.dit_lora``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from vans.errors import InputError
+
+from . import dit_lora, flow_grpo
+from .config import DataConfig, OptimConfig, RunConfig, doc, section
+
+log = logging.getLogger("vans.trainer")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Stage2RunConfig(RunConfig):
+    out_dir: str = doc("runs/stage2", "output folder: checkpoints/, metrics.jsonl, tensorboard/, plots, export/")
+    steps: int = doc(1000, "optimizer steps of the whole run (VANS: 1,000 for stage 2)")
+
+
+@dataclass
+class ModelSection:
+    train_mode: str = doc("lora", "lora (adapters on the DiT, KL reference = adapters off) or full (every DiT "
+                                  "weight trains, KL reference = a frozen copy; use run.dtype=fp32 for it)")
+    lora_rank: int = doc(32, "LoRA rank r (Flow-GRPO Wan: 32)")
+    lora_alpha: float = doc(64.0, "LoRA alpha; the update is scaled by alpha / rank (Flow-GRPO Wan: 64)")
+    lora_targets: str = doc("attn", "adapted linears in every block: attn (self + cross attention q, k, v, o), "
+                                    "attn+ffn, or comma-separated suffixes such as attn1.to_q,attn1.to_v")
+    gradient_checkpointing: bool = doc(False, "recompute the DiT blocks in the backward pass (less memory, "
+                                              "about 30% more time)")
+
+
+@dataclass
+class VideoSection:
+    width: int = doc(640, "rollout width in pixels (multiple of 16; VANS 640)")
+    height: int = doc(352, "rollout height in pixels (multiple of 16; VANS 352)")
+    num_frames: int = doc(33, "frames of the input clip and of each rollout (4n+1; VANS 33)")
+    num_context: int = doc(6, "clean context latents taken from the input clip (VANS 6)")
+    steps: int = doc(20, "denoising steps K of a rollout (Flow-GRPO Wan: 20; inference uses 50)")
+    guidance: float = doc(5.0, "classifier-free guidance scale in rollouts and training forwards (1 = off, "
+                               "half the DiT calls)")
+    shift: float = doc(5.0, "flow-matching schedule shift (Wan: 5)")
+    negative_prompt: str = doc("", "negative prompt for CFG (empty = Wan's default negative prompt)")
+
+
+@dataclass
+class GrpoSection:
+    group_size: int = doc(8, "G: rollouts per prompt (VANS 8)")
+    noise_level: float = doc(0.7, "SDE noise level a (Flow-GRPO default 0.7); must be > 0")
+    same_noise: bool = doc(False, "start all G rollouts of a group from one initial noise (they still branch "
+                                  "at every SDE step)")
+    step_selection: str = doc("all", "trained steps: all; fraction (SDE everywhere, train a random "
+                                     "train_fraction of the steps); window (Flow-GRPO-Fast: SDE + training on "
+                                     "window_size steps starting inside the high-noise window, ODE elsewhere)")
+    train_fraction: float = doc(0.6, "share of the K steps trained when step_selection=fraction (DanceGRPO 0.6)")
+    window: list = doc([0.0, 0.5], "window of step starts for step_selection=window, as fractions of K "
+                                   "(0 = pure noise; Flow-GRPO-Fast: the first half)")
+    window_size: int = doc(2, "SDE + trained steps per trajectory when step_selection=window (1-3)")
+    clip_range: float = doc(1e-3, "PPO clip ε on the per-step probability ratio (VANS / Flow-GRPO Wan: 1e-3)")
+    beta: float = doc(0.004, "weight of the KL between the policy's and the reference's Gaussian step means "
+                             "(VANS 0.004; 0 skips the reference forward)")
+    adv_clip: float = doc(5.0, "clip advantages to ±adv_clip (Flow-GRPO 5)")
+    micro_batch: int = doc(0, "rows per training forward (0 = the whole group, the rollout's batch size, which "
+                              "keeps the first ratio exactly 1; smaller saves memory)")
+
+
+@dataclass
+class AnchorSection:
+    source: str = doc("vlm", "vlm (the frozen stage-1 VLM writes the anchor caption) or gt (use the "
+                             "ground-truth caption; no VLM is loaded)")
+    min_rouge: float = doc(0.6, "accept a VLM caption once its ROUGE-L against the GT caption reaches this")
+    max_tries: int = doc(4, "VLM captions drawn per sample before falling back to the GT caption")
+    temperature: float = doc(0.7, "VLM sampling temperature (VANS inference 0.7)")
+    top_p: float = doc(0.9, "VLM nucleus sampling top_p")
+    max_new_tokens: int = doc(512, "VLM token budget (thinking + answer)")
+    num_frames: int = doc(6, "frames the VLM sees (VANS 6)")
+    reuse: bool = doc(True, "keep a sample's accepted anchor for later visits (the VLM is frozen); false "
+                            "draws a new one every visit")
+
+
+@dataclass
+class RewardSection:
+    kind: str = doc("clip", "clip: r2 = norm(CLIP-V vs GT video) + norm(CLIP-T vs anchor) (VANS); brightness: "
+                            "mean pixel value of the rollout video (a sanity check that the loop learns)")
+    clip_arch: str = doc("ViT-B-32", "open_clip architecture name of the reward CLIP file")
+    clip_batch: int = doc(64, "frames per CLIP forward")
+
+
+@dataclass
+class ExportSection:
+    dtype: str = doc("bf16", "dtype of the exported files: bf16, fp16 or fp32")
+    lora_name: str = doc("vans_stage2_lora.safetensors", "ComfyUI LoRA file (train_mode=lora), for core "
+                                                         "LoraLoaderModelOnly on a Wan2.1-T2V-1.3B model")
+    merged_name: str = doc("vdm.safetensors", "merged DiT in the original Wan key layout, for core "
+                                              "'Load Diffusion Model' and the VANS nodes")
+
+
+@dataclass
+class Stage2Config:
+    models_dir: str = doc("", "ComfyUI-style models/ folder with the DiT, umT5, VAE, VLM and reward CLIP "
+                              "(see vans.models.ROLES for the file names)")
+    dit: str = doc("", "DiT file to start from (default: found in models_dir); e.g. the VANS vdm.safetensors")
+    vlm: str = doc("", "Qwen2.5-VL folder (default: found in models_dir)")
+    vlm_checkpoint: str = doc("", "stage-1 VLM export (LoRA or merged; default: vlm.safetensors in models_dir)")
+    clip: str = doc("", "reward CLIP file (default: found in models_dir)")
+    data: DataConfig = section(DataConfig, "dataset")
+    run: Stage2RunConfig = section(Stage2RunConfig, "run length, output, checkpoints, device")
+    optim: OptimConfig = section(OptimConfig, "optimizer (VANS stage 2: lr 5e-5)")
+    model: ModelSection = section(ModelSection, "what trains on the DiT")
+    video: VideoSection = section(VideoSection, "rollout shape and sampler")
+    grpo: GrpoSection = section(GrpoSection, "Flow-GRPO settings")
+    anchor: AnchorSection = section(AnchorSection, "anchor caption from the frozen VLM")
+    reward: RewardSection = section(RewardSection, "stage-2 reward")
+    export: ExportSection = section(ExportSection, "files written at the end for ComfyUI")
+
+    def validate(self) -> None:
+        self.generation_settings().validate()
+        if self.grpo.group_size < 2:
+            raise InputError(f"grpo.group_size={self.grpo.group_size}: GRPO needs at least 2 rollouts per prompt")
+        if self.grpo.noise_level <= 0:
+            raise InputError(f"grpo.noise_level={self.grpo.noise_level}: Flow-GRPO needs an SDE (e.g. 0.7)")
+        if self.anchor.source not in ("vlm", "gt"):
+            raise InputError(f"anchor.source={self.anchor.source!r}: use vlm or gt")
+        if self.reward.kind not in ("clip", "brightness"):
+            raise InputError(f"reward.kind={self.reward.kind!r}: use clip or brightness")
+        if len(self.grpo.window) != 2:
+            raise InputError(f"grpo.window={self.grpo.window}: give [start, end] as fractions of the steps")
+        flow_grpo.plan_steps(self.video.steps, self.grpo.step_selection, fraction=self.grpo.train_fraction,
+                             window=tuple(self.grpo.window), window_size=self.grpo.window_size)
+
+    def generation_settings(self, seed: int = 0):
+        from vans.generator import WAN_NEGATIVE_PROMPT, GenerationSettings
+
+        v = self.video
+        return GenerationSettings(width=v.width, height=v.height, num_frames=v.num_frames,
+                                  num_context=v.num_context, steps=v.steps, guidance=v.guidance, shift=v.shift,
+                                  seed=seed, negative_prompt=v.negative_prompt or WAN_NEGATIVE_PROMPT,
+                                  noise_level=self.grpo.noise_level)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The policy
+
+
+@dataclass
+class _Prompt:
+    """What one sample needs for its G rollouts, all computed once per visit (most of it cached)."""
+
+    sample: object
+    anchor: str
+    anchor_tries: int
+    anchor_fallback: bool
+    context: torch.Tensor  # [1, C, n, h, w] clean context latents on the device
+    cond: torch.Tensor  # [1, L, D] anchor embedding
+    gt_features: torch.Tensor | None  # [T, D] CLIP features of the GT video
+
+
+class _Timer:
+    """Seconds per phase of one step (``<phase>_s`` in the metrics)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[f"{phase}_s"] = self.seconds.get(f"{phase}_s", 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _on(module, device: torch.device) -> Iterator[None]:
+    """Keep a big frozen model (umT5-XXL) on the CPU except while it runs."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class Stage2Policy:
+    """The trainer's ``TrainingPolicy`` for stage 2 (see the module docstring for one step)."""
+
+    memory_settings = ("grpo.micro_batch", "grpo.group_size", "model.gradient_checkpointing",
+                       "grpo.step_selection", "video.num_frames")
+
+    def __init__(self, cfg: Stage2Config, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 cache=None, rank: int = 0):
+        from vans.models import require, resolve_models
+        from vans.wan import load_dit, load_text_encoder, load_vae
+        from vans.generator import VideoGenerator
+        from vans.wan.dit import check_text_encoder_matches
+
+        from .data import FeatureCache
+
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.rank = rank
+        self.cache = cache if cache is not None else FeatureCache(None)
+        explicit = {k: getattr(cfg, k) or None for k in ("dit", "vlm", "vlm_checkpoint", "clip")}
+        self.paths = resolve_models(cfg.models_dir or None, **explicit)
+        needed = ("dit", "text_encoder", "vae") + (("clip",) if cfg.reward.kind == "clip" else ()) \
+            + (("vlm",) if cfg.anchor.source == "vlm" else ())
+        require(self.paths, needed, cfg.models_dir or None)
+
+        dit = load_dit(self.paths.dit, dtype=dtype, device=self.device)
+        text_encoder = load_text_encoder(self.paths.text_encoder, tokenizer=self.paths.tokenizer, dtype=dtype,
+                                         device="cpu")
+        check_text_encoder_matches(dit, text_encoder)
+        vae = load_vae(self.paths.vae, dtype=dtype, device=self.device)
+        self.generator = VideoGenerator(dit, text_encoder, vae, device=self.device, dtype=dtype, offload=False)
+        m = cfg.model
+        with torch.random.fork_rng(devices=[]):  # the same adapter init in every process and every run
+            torch.manual_seed(cfg.run.seed)
+            self._params = dit_lora.prepare_dit(dit, m.train_mode, targets=m.lora_targets, rank=m.lora_rank,
+                                                alpha=m.lora_alpha)
+        if m.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        self.frozen = dit_lora.frozen_copy(dit) if m.train_mode == "full" and cfg.grpo.beta > 0 else None
+        self.settings = cfg.generation_settings()
+        self.cap = flow_grpo.sigma_cap(self.settings.steps, self.settings.shift)
+        self._captioner = None
+        self._clip = None
+        self._anchors: dict[str, tuple[str, int, bool]] = {}
+        self._contexts: dict[str, torch.Tensor] = {}
+
+    # -- TrainingPolicy protocol -------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return dit_lora.trainable_state_dict(self.generator.dit)
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        dit_lora.load_trainable_state_dict(self.generator.dit, sd)
+
+    def export(self, out_dir) -> dict[str, Path]:
+        """ComfyUI LoRA (train_mode=lora) + merged DiT in the original Wan layout under ``out_dir``."""
+        out = Path(out_dir)
+        e = self.cfg.export
+        meta = {"vans_stage": "2", "steps": str(self.cfg.run.steps)}
+        files = {}
+        if self.cfg.model.train_mode == "lora":
+            files["lora"] = dit_lora.export_comfy_lora(self.generator.dit, out / e.lora_name, dtype=e.dtype,
+                                                       metadata=meta)
+        files["dit"] = dit_lora.export_merged_dit(self.generator.dit, out / e.merged_name, dtype=e.dtype, metadata=meta)
+        return files
+
+    def step(self, samples: list, step: int) -> dict[str, float]:
+        """Rollouts, rewards and the backward pass of one optimizer step over the local ``samples``."""
+        timer = _Timer(self.device)
+        cfg, G = self.cfg, self.cfg.grpo.group_size
+        totals: dict[str, list[float]] = {}
+        counts = {"groups": 0, "zero_spread_groups": 0, "skipped_groups": 0, "anchor_fallbacks": 0,
+                  "anchor_vlm_calls": 0, "trained_steps": 0}
+        for index, sample in enumerate(samples):
+            seed = _seed(cfg.run.seed, step, self.rank, index)
+            with timer("prepare"):
+                prompt = self._prepare(sample, seed, timer)
+            counts["anchor_fallbacks"] += int(prompt.anchor_fallback)
+            counts["anchor_vlm_calls"] += prompt.anchor_tries
+            plan = flow_grpo.plan_steps(self.settings.steps, cfg.grpo.step_selection,
+                                        fraction=cfg.grpo.train_fraction, window=tuple(cfg.grpo.window),
+                                        window_size=cfg.grpo.window_size,
+                                        generator=torch.Generator().manual_seed(seed))
+            with timer("rollout"):
+                rollout, velocity = self._rollout(prompt, plan, seed)
+            with timer("decode"):
+                videos = self._decode(rollout.latents)
+            with timer("reward"):
+                terms = self._reward(videos, prompt)
+            reward = terms["reward"]
+            counts["groups"] += 1
+            for name, values in terms.items():
+                if name not in ("reward", "skipped") and not name.endswith("_norm"):
+                    totals.setdefault(f"reward_{name}", []).extend(values.tolist())
+            totals.setdefault("reward_total", []).extend(reward.tolist())
+            totals.setdefault("frame_change", []).extend(_frame_change(videos).tolist())
+            if terms["skipped"]:
+                counts["skipped_groups"] += 1
+                continue
+            adv = flow_grpo.advantages(reward, G, cfg.grpo.adv_clip)
+            totals.setdefault("advantage", []).extend(adv.tolist())
+            if bool(flow_grpo.zero_spread_groups(reward, G)[0]):
+                counts["zero_spread_groups"] += 1
+                continue
+            with timer("train"):
+                stats = flow_grpo.train_on_rollout(
+                    velocity, rollout, plan.train_steps, adv.to(self.device), noise_level=cfg.grpo.noise_level,
+                    cap=self.cap, model_dtype=self.dtype, clip_range=cfg.grpo.clip_range, beta=cfg.grpo.beta,
+                    reference=lambda: dit_lora.reference_policy(self.generator, cfg.model.train_mode, self.frozen),
+                    loss_scale=1.0 / (len(plan.train_steps) * len(samples)), micro_batch=cfg.grpo.micro_batch)
+            counts["trained_steps"] += len(plan.train_steps)
+            for name, values in stats.items():
+                totals.setdefault(name, []).extend(values)
+        return _summarise(totals, counts, timer.seconds)
+
+    # -- per-sample preparation ----------------------------------------------------------------------
+
+    def _prepare(self, sample, seed: int, timer: _Timer) -> _Prompt:
+        anchor, tries, fallback = self._anchor(sample, seed)
+        context = self._context(sample)
+        with _on(self.generator.text_encoder, self.device):
+            cond = self.generator.encode_text([anchor])
+            if self.settings.guidance != 1.0:
+                self.generator.encode_text([self.settings.negative_prompt])  # cached for the rollouts
+        gt = self._gt_features(sample) if self.cfg.reward.kind == "clip" else None
+        return _Prompt(sample, anchor, tries, fallback, context, cond, gt)
+
+    def _anchor(self, sample, seed: int) -> tuple[str, int, bool]:
+        """(caption, VLM draws, fell back to GT). See ``AnchorSection``."""
+        a = self.cfg.anchor
+        if a.source == "gt":
+            return sample.caption, 0, False
+        if a.reuse and sample.id in self._anchors:
+            caption, _, fallback = self._anchors[sample.id]
+            return caption, 0, fallback
+        from vans.rewards import rouge_l
+        from vans.video import read_video
+
+        if a.reuse:  # drawn once per sample: seeded by the sample, so a resumed run draws the same anchor
+            seed = zlib.crc32(f"{self.cfg.run.seed}:{sample.id}".encode())
+        captioner = self._load_captioner()
+        frames = read_video(sample.video, num_frames=a.num_frames, min_frames=a.num_frames, what="input video").frames
+        result = (sample.caption, a.max_tries, True)
+        for attempt in range(a.max_tries):
+            text = captioner.caption(frames, sample.question, temperature=a.temperature, top_p=a.top_p,
+                                     max_new_tokens=a.max_new_tokens, seed=seed + attempt,
+                                     num_frames=a.num_frames).caption
+            if text.strip() and rouge_l(text, sample.caption) >= a.min_rouge:
+                result = (text, attempt + 1, False)
+                break
+        captioner.offload()
+        if a.reuse:
+            self._anchors[sample.id] = result
+        return result
+
+    def _load_captioner(self):
+        if self._captioner is None:
+            from vans.captioner import load_captioner
+
+            self._captioner = load_captioner(self.paths.vlm, checkpoint=self.paths.vlm_checkpoint, dtype=self.dtype,
+                                             device="cpu")
+            self._captioner.device = self.device
+        return self._captioner
+
+    def _context(self, sample) -> torch.Tensor:
+        from vans.video import read_video
+
+        s = self.settings
+        key = (sample.id, sample.video)
+        if key not in self._contexts:
+            def encode() -> torch.Tensor:
+                clip = read_video(sample.video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
+                                  min_frames=1, what="input video")
+                return self.generator.encode_context(clip.frames, s.num_context).float().cpu()
+
+            latents = self.cache.get_or_compute("stage2_context", [Path(sample.video), Path(self.paths.vae),
+                                                                   s.num_frames, s.height, s.width, s.num_context],
+                                                encode)
+            self._contexts[key] = latents.to(self.device, self.dtype)
+        return self._contexts[key]
+
+    def _gt_features(self, sample) -> torch.Tensor:
+        from vans.video import read_video
+
+        s = self.settings
+        scorer = self._scorer()
+
+        def encode() -> torch.Tensor:
+            clip = read_video(sample.gt_video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
+                              min_frames=1, what="ground-truth video")
+            return scorer.image_features(clip.frames, self.cfg.reward.clip_batch).float().cpu()
+
+        return self.cache.get_or_compute("stage2_clip_gt", [Path(sample.gt_video), Path(self.paths.clip),
+                                                            self.cfg.reward.clip_arch, s.num_frames, s.height, s.width],
+                                         encode)
+
+    def _scorer(self):
+        if self._clip is None:
+            from vans.clip import load_clip
+
+            self._clip = load_clip(self.paths.clip, arch=self.cfg.reward.clip_arch, device=self.device)
+        return self._clip
+
+    # -- rollout, decode, reward -------------------------------------------------------------------
+
+    def _rollout(self, prompt: _Prompt, plan: flow_grpo.StepPlan, seed: int):
+        """G SDE trajectories of one prompt; the returned velocity is the one used (with grad) to train."""
+        G, gen = self.cfg.grpo.group_size, self.generator
+        noise = gen.initial_noise(1 if self.cfg.grpo.same_noise else G, self.settings, seed=seed)
+        noise = noise.expand(G, *noise.shape[1:]).contiguous()
+        uncond = gen.encode_text([self.settings.negative_prompt]) if self.settings.guidance != 1.0 else None
+        velocity = gen.guided_velocity(prompt.context, prompt.cond, uncond, self.settings.guidance)
+        sde_generator = torch.Generator(self.device).manual_seed(seed + 1)
+        with torch.no_grad():
+            rollout = gen.sample(prompt.context, prompt.cond, self.settings, noise=noise, sde_steps=plan.sde_steps,
+                                 keep_steps=plan.train_steps, generator=sde_generator)
+        return rollout, velocity
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[G, T, H, W, C] frames in 0..1, one video at a time (bounded VAE memory)."""
+        return torch.cat([self.generator.decode(latents[i:i + 1]).float() for i in range(latents.shape[0])])
+
+    def _reward(self, videos: torch.Tensor, prompt: _Prompt) -> dict:
+        from vans.rewards import combine_group_rewards, stage2_reward
+
+        G = self.cfg.grpo.group_size
+        if self.cfg.reward.kind == "brightness":
+            out = combine_group_rewards({"brightness": videos.flatten(1).mean(dim=1).cpu()}, G)
+        else:
+            scorer = self._scorer()
+            clip_v = scorer.clip_v_group(videos, gt_features=prompt.gt_features,
+                                         batch_size=self.cfg.reward.clip_batch)
+            clip_t = scorer.clip_t_group(videos, prompt.anchor, batch_size=self.cfg.reward.clip_batch)
+            out = stage2_reward(clip_v, clip_t, G)
+        terms = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "skipped_groups"}
+        terms["skipped"] = bool(out["num_skipped"])
+        return terms
+
+
+def _seed(base: int, step: int, rank: int, index: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, process, prompt): resume replays the same draws."""
+    return (base * 1_000_003 + step * 10_007 + rank * 101 + index) % (2 ** 31)
+
+
+def _frame_change(videos: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between consecutive frames per video (falls to 0 for static copies)."""
+    if videos.shape[1] < 2:
+        return torch.zeros(videos.shape[0])
+    return (videos[:, 1:] - videos[:, :-1]).abs().flatten(1).mean(dim=1).cpu()
+
+
+# metric name -> runner key prefix ("reward/" is plotted; "count/" is summed over processes)
+_PREFIX = {"reward": "reward/", "advantage": "adv/", "frame": "video/"}
+
+
+def _summarise(totals: dict[str, list[float]], counts: dict[str, int], seconds: dict[str, float]) -> dict[str, float]:
+    """Per-step metrics in the runner's naming: ``reward/<term>_mean|_std``, ``adv/…``, ``ratio_mean``,
+    ``clip_frac``, ``kl``, ``count/…`` (summed over processes), ``time/<phase>_s``."""
+    out: dict[str, float] = {f"count/{k}": float(v) for k, v in counts.items()}
+    out.update({f"time/{k}": v for k, v in seconds.items()})
+    for name, values in totals.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        head = name.split("_", 1)[0]
+        key = _PREFIX.get(head, "") + (name.split("_", 1)[1] if head == "reward" else name)
+        out[f"{key}_mean"] = float(t.mean())
+        if head in ("reward", "advantage"):
+            out[f"{key}_std"] = float(t.std(unbiased=False))
+    for name, values in totals.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        if name == "ratio":
+            out["ratio_min"], out["ratio_max"] = float(t.min()), float(t.max())
+        elif name == "advantage":
+            out["adv/advantage_abs_max"] = float(t.abs().max())
+        elif name == "logprob_diff":
+            out["logprob_diff_max"] = float(t.max())
+    if "clipped_mean" in out:
+        out["clip_frac"] = out.pop("clipped_mean")
+    if "kl_mean" in out:
+        out["kl"] = out.pop("kl_mean")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def train(cfg: Stage2Config, *, samples=None):
+    """Build the runtime and the policy, then run the shared loop; returns the runner's ``RunResult``."""
+    from .data import FeatureCache
+    from .runner import run_training, setup_runtime
+
+    cfg.validate()
+    runtime = setup_runtime(cfg.run)
+    cache = FeatureCache(cfg.data.cache_dir or Path(cfg.run.out_dir) / "cache")
+    policy = Stage2Policy(cfg, device=runtime.device, dtype=runtime.dtype, cache=cache, rank=runtime.rank)
+    return run_training(cfg, policy, runtime=runtime, samples=samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vans.errors import VansError
+
+    from .config import parse_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = parse_cli(Stage2Config, argv, "python -m trainer.stage2",
+                        "Stage 2 of VANS Joint-GRPO: Flow-GRPO on the Wan2.1 DiT with the stage-1 VLM frozen.")
+        result = train(cfg)
+    except VansError as exc:
+        log.error("%s", exc)
+        return 2
+    if result.exports:
+        for kind, path in result.exports.items():
+            log.info("exported %s: %s", kind, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
