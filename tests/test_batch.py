@@ -60,6 +60,8 @@ class FakeComfy:
         self.httpd = None
         self.running = False
         self.on_executed = None
+        self.interrupts: list[str] = []
+        self.interrupt = threading.Event()
 
     # -- life cycle
     def start(self):
@@ -165,6 +167,10 @@ class FakeComfy:
             with self.lock:
                 self.queue.append((pid, graph, client_id))
             return self.reply(h, 200, {"prompt_id": pid, "number": len(self.queue), "node_errors": node_errors})
+        if h.path == "/interrupt":
+            self.interrupts.append(json.loads(body or b"{}").get("prompt_id", ""))
+            self.interrupt.set()
+            return self.reply(h, 200, {})
         if h.path == "/queue":
             deleted = set(json.loads(body).get("delete", []))
             with self.lock:
@@ -249,9 +255,16 @@ class FakeComfy:
             self.send(client_id, {"type": "progress", "data": {"value": step, "max": 2, "prompt_id": pid,
                                                                 "node": ids["KSampler"]}})
         time.sleep(self.delay)
+        if question.startswith("HANG"):  # a prompt that never ends by itself: only /interrupt stops it
+            self.interrupt.clear()
+            self.interrupt.wait(30)
         if not self.running:
             return
-        if self.inputs.get(loader, b"").startswith(b"CORRUPT"):
+        if question.startswith("HANG"):
+            entry = {"outputs": {}, "status": {"status_str": "error", "completed": False,
+                                               "messages": [["execution_interrupted", {"prompt_id": pid}]]}}
+            event = ("execution_interrupted", {"prompt_id": pid})
+        elif self.inputs.get(loader, b"").startswith(b"CORRUPT"):
             error = {"prompt_id": pid, "node_id": ids["LoadVideo"], "node_type": "LoadVideo",
                      "exception_message": f"[Errno 1094995529] Invalid data found when processing input: '{loader}'",
                      "exception_type": "av.error.InvalidDataError", "traceback": []}
@@ -305,14 +318,15 @@ FAST = dict(backoff=0.02, max_backoff=0.1, poll=0.2, server_timeout=5.0)
 
 
 def make_items(tmp_path: Path, n: int, corrupt: tuple[int, ...] = (), invalid: tuple[int, ...] = (),
-               partial: tuple[int, ...] = ()) -> Path:
+               partial: tuple[int, ...] = (), hang: tuple[int, ...] = ()) -> Path:
     videos = tmp_path / "videos"
     videos.mkdir(exist_ok=True)
     lines = []
     for i in range(n):
         path = videos / f"clip{i}.mp4"
         path.write_bytes((b"CORRUPT" if i in corrupt else b"VIDEO") + bytes([i]) * 50)
-        question = ("INVALID " if i in invalid else "PARTIAL " if i in partial else "") + f"What happens next in clip {i}?"
+        question = ("INVALID " if i in invalid else "PARTIAL " if i in partial else "HANG " if i in hang else "") + \
+            f"What happens next in clip {i}?"
         lines.append(json.dumps({"id": f"item{i}", "video": f"videos/{path.name}", "question": question}))
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -519,6 +533,19 @@ def test_validation_and_execution_errors_fail_their_item_alone(tmp_path, fake):
     ran = Counter(fake.questions)
     assert ran["What happens next in clip 1?"] == 2 and ran["What happens next in clip 0?"] == 1
     assert not any(q.startswith("INVALID") for q in ran)  # refused each time, never run
+
+
+def test_a_hung_prompt_times_out_alone_and_is_interrupted(tmp_path, fake):
+    manifest = make_items(tmp_path, 3, hang=(1,))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    counts, _ = run_batch(manifest, out, [fake.url], in_flight=1, item_timeout=0.5)
+    assert time.monotonic() - started < 20  # not the 30 s the fake would hang for
+    assert counts == {"ok": 2, "error": 1}
+    rows = {r["id"]: r for r in results(out)}
+    assert "timed out" in rows["item1"]["error"] and "--item-timeout" in rows["item1"]["error"]
+    assert fake.interrupts == [rows["item1"]["prompt_id"]]  # interrupted on the server, by its id
+    assert rows["item2"]["status"] == "ok"  # the items after it still ran
 
 
 def test_survives_a_server_restart_mid_batch(tmp_path, fake):

@@ -36,6 +36,8 @@ Robustness:
   queued again;
 * a validation error (HTTP 400 from ``/prompt``) or an execution error fails that item alone, with the
   server's message in ``error``;
+* ``--item-timeout`` bounds how long one prompt may run on the server: past it the prompt is interrupted
+  there and the item fails alone;
 * up to ``--in-flight`` prompts per server; several ``--server`` URLs share one work list (one ComfyUI
   per GPU).
 """
@@ -476,13 +478,17 @@ class ComfyClient:
             raise PromptRejected(validation_message(status, data))
         answer = json.loads(data)
         if answer.get("node_errors"):  # queued, but the outputs behind the failing nodes would not run
-            try:
-                self.request("POST", "/queue", json.dumps({"delete": [answer["prompt_id"]]}).encode(),
-                             {"Content-Type": "application/json"})
-            except ServerUnavailable:
-                pass
+            self.withdraw(answer["prompt_id"])
             raise PromptRejected(validation_message(status, data))
         return answer["prompt_id"]
+
+    def withdraw(self, prompt_id: str) -> None:
+        """Take a prompt off the server: out of its queue, or interrupted if it is running."""
+        for path, payload in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
+            try:
+                self.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+            except ServerUnavailable:
+                pass
 
     def history(self, prompt_id: str) -> dict | None:
         return self.get_json(f"/history/{prompt_id}").get(prompt_id)
@@ -599,6 +605,7 @@ class Job:
     attempts: int = 0  # tries started so far
     not_before: float = 0.0
     started: float = 0.0
+    running_since: float = 0.0  # when the server said it started executing (0: still queued there)
     server: str = ""
     prompt_id: str = ""
 
@@ -614,6 +621,7 @@ class BatchSettings:
     poll: float = 1.0  # /history poll interval for in-flight prompts
     retry_failed: bool = False
     http_timeout: float = 30.0
+    item_timeout: float = 0.0  # seconds one prompt may run on the server; 0: no limit
 
 
 class Scheduler:
@@ -882,6 +890,7 @@ class _ServerWorker:
             return
         ended = self._on_message(message) if message else None
         now = time.monotonic()
+        self._expire(now)
         if ended is None and now - self.last_poll < self.settings.poll:
             return
         self.last_poll = now
@@ -895,6 +904,20 @@ class _ServerWorker:
         except ServerUnavailable:
             self._lost_connection()
 
+    def _expire(self, now: float) -> None:
+        """Fail (and withdraw) prompts that have run longer than ``item_timeout`` on the server. A prompt
+        whose start was never seen counts from its submission, with the queue ahead of it allowed for."""
+        limit = self.settings.item_timeout
+        if limit <= 0:
+            return
+        for prompt_id, job in list(self.inflight.items()):
+            running = now - job.running_since if job.running_since else (now - job.started) / self.settings.in_flight
+            if running > limit:
+                del self.inflight[prompt_id]
+                self.client.withdraw(prompt_id)
+                self.scheduler.done(job, FAILED, f"timed out: still running after {limit:g} s on {self.client.url} "
+                                                 "(--item-timeout); the prompt was interrupted")
+
     def _on_message(self, message: str) -> str | None:
         """Update the display; return the prompt id when this message ends one of ours."""
         try:
@@ -905,6 +928,8 @@ class _ServerWorker:
         job = self.inflight.get(data.get("prompt_id", ""))
         if job is None:
             return None
+        if kind in ("execution_start", "executing", "progress") and not job.running_since:
+            job.running_since = time.monotonic()
         if kind == "progress":
             node = self.runner._graph_titles.get(str(data.get("node")), data.get("node"))
             self.runner.display.current(f"{job.item.id}: {node} {data.get('value')}/{data.get('max')}")
@@ -977,6 +1002,9 @@ def add_parser(sub) -> None:
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time (default 1)")
     p.add_argument("--server-timeout", type=float, default=120.0,
                    help="seconds to wait for a server that went away before leaving its items to others (default 120)")
+    p.add_argument("--item-timeout", type=float, default=0.0,
+                   help="fail an item whose prompt runs longer than this many seconds on the server, and "
+                        "interrupt it there (default 0: no limit; a rerun with --retry-failed tries it again)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.INPUT=VALUE",
                    help="set an input on the nodes whose class or title is KEY, e.g. KSampler.steps=20 (repeatable)")
     p.add_argument("--video-node", help="title of the Load Video node for the question video (if several)")
@@ -993,7 +1021,7 @@ def run(args) -> int:
                                       question_node=args.question_node, overrides=parse_set(args.set))
     settings = BatchSettings(servers=args.servers or [DEFAULT_SERVER], in_flight=args.in_flight,
                              retries=args.retries, backoff=args.backoff, server_timeout=args.server_timeout,
-                             retry_failed=args.retry_failed)
+                             retry_failed=args.retry_failed, item_timeout=args.item_timeout)
     runner = BatchRunner(items, template, Path(args.out), settings, quiet=args.quiet)
     counts = runner.run()
     print(json.dumps({"results": str(runner.store.path), **counts}))
