@@ -10,7 +10,7 @@ from trainer import dit_lora
 from vans.errors import InputError
 from vans.fixtures.wan import tiny_wan_dit
 from vans.generator import VideoGenerator
-from vans.lora import LoRALinear, adapters_disabled, lora_modules
+from vans.lora import LoRALinear, adapters_disabled, lora_modules, merged_state_dict
 
 TEXT_DIM = 32
 
@@ -129,7 +129,7 @@ def test_comfy_lora_keys_and_weights_apply_to_the_wan_layout(lora_dit):
     # ComfyUI's rule W + (alpha / r)·B·A on the Wan-named base weights gives the merged export's weights
     base = to_wan_layout({k.replace(".base_layer.", "."): v for k, v in dit.state_dict().items()
                           if ".lora_" not in k})
-    merged = to_wan_layout(dit_lora.merged_state_dict(dit))
+    merged = to_wan_layout(merged_state_dict(dit))
     for key in ("blocks.0.self_attn.q", "blocks.1.cross_attn.o"):
         a, b = lora[f"diffusion_model.{key}.lora_A.weight"], lora[f"diffusion_model.{key}.lora_B.weight"]
         alpha = lora[f"diffusion_model.{key}.alpha"].item()

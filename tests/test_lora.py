@@ -18,6 +18,7 @@ from vans.lora import (
     lora_state_dict,
     lora_targets,
     merge_lora,
+    merged_state_dict,
     save_lora,
 )
 
@@ -159,6 +160,32 @@ def test_merge_equals_unmerged_forward(x):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.model.language_model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_state_dict_is_the_merged_model_and_leaves_the_adapters(x):
+    import copy
+
+    model = ToyVL()
+    add_lora(model, r=2, alpha=4, dropout=0.0)
+    randomize_adapters(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = merged_state_dict(model, dtype=torch.float64)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched, still adapted
+    assert not any(".lora_" in k or ".base_layer." in k for k in sd)
+    assert all(v.dtype == torch.float64 for v in sd.values())
+    plain = merge_lora(copy.deepcopy(model))
+    expected = plain.state_dict()
+    assert sd.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(sd[key].float(), value, rtol=1e-6, atol=1e-6)
+
+
+def test_merged_state_dict_keeps_tied_weights_once():
+    model = ToyVL()
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tied, as in Qwen2.5-VL-3B
+    add_lora(model, r=2, alpha=4, dropout=0.0)
+    sd = merged_state_dict(model)
+    assert "lm_head.weight" not in sd and "model.language_model.embed_tokens.weight" in sd
 
 
 def test_adapters_disabled_is_the_base_model_and_restores(x):

@@ -35,7 +35,7 @@ from torch import nn
 
 from vans.checkpoints import save_state_dict
 from vans.errors import InputError
-from vans.lora import LoRALinear, adapters_disabled, lora_modules
+from vans.lora import LoRALinear, adapters_disabled, lora_modules, merged_state_dict
 from vans.wan.dit import to_wan_layout
 
 ATTENTION_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -165,21 +165,6 @@ def export_comfy_lora(dit: nn.Module, path: str | os.PathLike, *, dtype: str = "
     meta = {"format": LORA_FORMAT, "base_model": "Wan2.1-T2V-1.3B", "r": str(first.r), "alpha": f"{first.alpha:g}",
             "modules": str(len(modules)), **(metadata or {})}
     return save_state_dict(sd, path, metadata=meta)
-
-
-def merged_state_dict(dit: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The DiT's tensors with every adapter folded in, diffusers names; the model itself is untouched."""
-    modules = lora_modules(dit)
-    out = {}
-    for name, tensor in dit.state_dict().items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        key = name.replace(".base_layer.", ".")
-        module_path = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and module_path in modules:
-            tensor = (tensor.float() + modules[module_path].delta_weight().to(tensor.device)).to(tensor.dtype)
-        out[key] = tensor.detach().to(dtype) if dtype is not None and tensor.is_floating_point() else tensor.detach()
-    return out
 
 
 def export_merged_dit(dit: nn.Module, path: str | os.PathLike, *, dtype: str = "bf16",

@@ -388,23 +388,9 @@ class Stage1Policy:
 
     # -- export -----------------------------------------------------------------------------------------
 
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every VLM tensor under its plain name with each adapter folded in; the model is not modified."""
-        deltas = {f"{name}.base_layer.weight": module for name, module in self.lora.items()}
-        out, seen = {}, set()
-        for name, tensor in self.captioner.model.named_parameters(remove_duplicate=False):
-            if ".lora_A." in name or ".lora_B." in name or tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            value = tensor.detach()
-            if name in deltas:
-                value = (value.float() + deltas[name].delta_weight().to(value.device)).to(value.dtype)
-            out[name.replace(".base_layer.", ".")] = value.cpu()
-        return out
-
     def export(self, out_dir: Path) -> dict[str, str]:
         from vans.checkpoints import save_state_dict
-        from vans.lora import save_lora
+        from vans.lora import merged_state_dict, save_lora
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,7 +400,8 @@ class Stage1Policy:
             written["adapter"] = str(save_lora(self.captioner.model, out_dir / "vlm_lora.safetensors",
                                                extra_metadata={"start_checkpoint": start, "stage": "1"}))
         if self.cfg.export.merged:
-            written["merged"] = str(save_state_dict(self.merged_state_dict(), out_dir / "vlm_merged.safetensors",
+            merged = merged_state_dict(self.captioner.model)
+            written["merged"] = str(save_state_dict(merged, out_dir / "vlm_merged.safetensors",
                                                     metadata={"format": "vans-merged", "start_checkpoint": start,
                                                               "stage": "1"}))
         info = {"base_model": str(self.paths.vlm), "start_checkpoint": start, **written,

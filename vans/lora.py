@@ -201,6 +201,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` under its plain name (``…base_layer.weight`` → ``….weight``) with each
+    adapter folded in, optionally cast to ``dtype``; the model itself is untouched (training goes on).
+    Tied tensors (e.g. Qwen's lm_head / embedding) appear once, under their first name."""
+    modules = lora_modules(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if ".lora_A." in name or ".lora_B." in name or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        key = name.replace(".base_layer.", ".")
+        module_path = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module_path in modules:
+            tensor = (tensor.float() + modules[module_path].delta_weight().to(tensor.device)).to(tensor.dtype)
+        tensor = tensor.detach()
+        out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return out
+
+
 @dataclass
 class LoadReport:
     """What a checkpoint load did; lists are key names as they appear in the file."""

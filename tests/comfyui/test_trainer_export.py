@@ -114,3 +114,43 @@ def test_core_unet_loader_reads_the_merged_file(exports):
 
     model = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]().load_unet(MERGED_NAME, "default")[0]
     assert type(model.model).__name__ == "WAN21"
+
+
+# -- stage 1: the VLM exports in the VANS VLM loader node -----------------------------------------------
+
+def test_stage1_exports_load_in_the_vlm_loader_node(comfyui):
+    """The trainer's two stage-1 files (adapter, merged) picked in VANS Load VLM give the captions of the
+    trained model itself (same frames, question and seed)."""
+    comfyui.models.need("vlm")
+    from vans.captioner import load_captioner
+    from vans.checkpoints import save_state_dict
+    from vans.lora import add_lora, lora_modules, merged_state_dict, save_lora
+    from vans.video import sample_indices
+
+    folder = comfyui.models.files["vlm"]
+    trained = load_captioner(folder, device="cpu", dtype=torch.float32)
+    add_lora(trained.model, r=8, alpha=32.0, dropout=0.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in lora_modules(trained.model).values():
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.3)
+    adapter = save_lora(trained.model, folder.parent / "stage1_adapter.safetensors")
+    merged = save_state_dict(merged_state_dict(trained.model), folder.parent / "stage1_merged.safetensors")
+
+    caption = comfyui.pack_submodule("nodes.vlm")
+    assert {adapter.name, merged.name} <= set(caption.checkpoint_choices())
+    frames = torch.rand(9, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+    settings = dict(temperature=0.9, top_p=0.95, max_new_tokens=16, seed=11, min_pixels=4 * 784, max_pixels=16 * 784)
+    expected = [r.raw for r in trained.sample_group(frames[sample_indices(9, 6)], "What next?", group_size=3,
+                                                    num_frames=6, **settings).responses]
+    base = caption.load_vlm(folder.name, "none", "fp32", "sdpa")
+    for name in (adapter.name, merged.name):
+        handle = caption.load_vlm(folder.name, name, "fp32", "sdpa")
+        got = caption.caption(handle, frames, 8.0, None, "What next?", 6, 0.0, settings["min_pixels"],
+                              settings["max_pixels"], settings["temperature"], settings["top_p"],
+                              settings["max_new_tokens"], 3, settings["seed"], True)
+        assert [raw for _, _, raw in got] == expected, name
+    base_q = dict(base.captioner.model.named_parameters())
+    handle_q = dict(handle.captioner.model.named_parameters())
+    key = next(k for k in handle_q if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert not torch.equal(base_q[key], handle_q[key])  # the trained update is in the loaded weights
