@@ -69,6 +69,7 @@ def test_answer_without_think_is_parsed_but_not_well_formed():
     "[Ans]c[/Ans][Think]r[/Think]",
     "[Think]r[/Think][Ans]c",
     "<think>r</think><answer>c</answer>",
+    "[Think]x[Think]y[/Think][Ans]a[/Ans]",  # a tag inside a block
 ])
 def test_format_check_rejects(text):
     assert not is_well_formed(text)

@@ -28,7 +28,6 @@ CAT_REF = "the cat is on the mat"
 @pytest.mark.parametrize("text", [
     "[Think]The pan is hot.[/Think][Ans]A hand adds cheese.[/Ans]",
     "  \n[Think]multi\nline[/Think]\n  [Ans]\nanswer\n[/Ans]\n",
-    "[Think][/Think][Ans]the think block may be empty[/Ans]",
 ])
 def test_format_reward_accepts_the_template(text):
     assert format_reward(text) == 1.0
@@ -36,6 +35,8 @@ def test_format_reward_accepts_the_template(text):
 
 @pytest.mark.parametrize("text", [
     "[Think]reason[/Think][Ans][/Ans]",  # empty answer
+    "[Think][/Think][Ans]an empty think block[/Ans]",  # the reasoning may not be dropped
+    "[Think] \n [/Think][Ans]a whitespace-only think block[/Ans]",
     "[Think]reason[/Think][Ans] \n\t [/Ans]",  # whitespace-only answer
     "[Ans]no think block[/Ans]",
     "[Think]reason[/Think]",

@@ -3,7 +3,7 @@
 Only the ``[Ans]`` text (the caption) reaches the video model; the ``[Think]`` text is reasoning shown
 to the user. Parsing follows the official ``extract_caption``: the first ``[Ans]…[/Ans]`` match,
 stripped, and the whole response when there is none, so a model that forgets the tags still yields a
-caption. ``well_formed`` is the stricter check used by the format reward (GRPO.md §2): the whole
+caption. ``is_well_formed`` is the stricter rule behind the format reward (GRPO.md §2): the whole
 response is exactly one non-empty think block followed by one non-empty answer block.
 """
 
@@ -32,7 +32,10 @@ MAX_QUESTION_CHARS = 2000
 
 _ANS = re.compile(r"\[Ans\](.*?)\[/Ans\]", re.DOTALL)
 _THINK = re.compile(r"\[Think\](.*?)\[/Think\]", re.DOTALL)
-_TEMPLATE = re.compile(r"\s*\[Think\](?P<think>.*?)\[/Think\]\s*\[Ans\](?P<ans>.*?)\[/Ans\]\s*", re.DOTALL)
+# Block contents may not contain any of the four tags: otherwise a non-greedy match could swallow a second
+# block ("[Ans]a[/Ans][Ans]b[/Ans]" would read as one answer "a[/Ans][Ans]b").
+_NO_TAG = r"(?:(?!\[/?(?:Think|Ans)\]).)*"
+_TEMPLATE = re.compile(rf"\[Think\](?P<think>{_NO_TAG})\[/Think\]\s*\[Ans\](?P<ans>{_NO_TAG})\[/Ans\]", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -56,14 +59,12 @@ def parse_response(text: str) -> ParsedResponse:
 
 
 def is_well_formed(text: str) -> bool:
-    """Full-match format check; an empty or whitespace-only [Think] or [Ans] block fails."""
-    match = _TEMPLATE.fullmatch(text)
-    if match is None:
-        return False
-    think, ans = match.group("think"), match.group("ans")
-    if "[Ans]" in think or "[/Ans]" in ans or "[Think]" in ans:  # a second block hidden inside the first
-        return False
-    return bool(think.strip()) and bool(ans.strip())
+    """The format rule (the format reward is 1 exactly when this holds): the stripped response is one
+    non-empty ``[Think]`` block, then one non-empty ``[Ans]`` block, whitespace between them and nothing
+    else; tags are case-sensitive and no block holds another tag. An empty think block fails too, so GRPO
+    cannot buy the format reward by dropping the reasoning users see."""
+    match = _TEMPLATE.fullmatch(text.strip())
+    return match is not None and bool(match.group("think").strip()) and bool(match.group("ans").strip())
 
 
 def validate_question(question: str) -> str:

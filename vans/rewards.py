@@ -31,21 +31,13 @@ from .errors import InputError
 # Format reward
 # ---------------------------------------------------------------------------------------------
 
-# Block contents may not contain any of the four tags: otherwise the non-greedy match could swallow a
-# second block ("[Ans]a[/Ans][Ans]b[/Ans]" would read as one answer "a[/Ans][Ans]b").
-_NO_TAG = r"(?:(?!\[/?(?:Think|Ans)\]).)*"
-_STRICT_TEMPLATE = re.compile(rf"\[Think\]{_NO_TAG}\[/Think\]\s*\[Ans\](?P<ans>{_NO_TAG})\[/Ans\]", re.DOTALL)
-
-
 def format_reward(text: str) -> float:
-    """1.0 iff the stripped response is exactly one think block then one non-empty answer block, else 0.0.
+    """1.0 iff the response follows the ``[Think]…[/Think][Ans]…[/Ans]`` template with both blocks
+    non-empty (``vans.prompts.is_well_formed``, the one format rule), else 0.0. Deliberately stricter than
+    the caption extraction, which falls back to the whole text."""
+    from .prompts import is_well_formed
 
-    Whitespace between the blocks is allowed; the think block may be empty (the paper rewards the
-    template, and only an empty answer breaks the pipeline). This is deliberately stricter than the
-    caption extraction in ``vans.prompts``, which falls back to the whole text.
-    """
-    match = _STRICT_TEMPLATE.fullmatch(text.strip())
-    return 1.0 if match is not None and match.group("ans").strip() else 0.0
+    return 1.0 if is_well_formed(text) else 0.0
 
 
 def extract_caption(text: str) -> str:
