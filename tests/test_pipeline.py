@@ -221,3 +221,32 @@ def test_text_embeddings_are_cached_and_the_cache_is_bounded(models, monkeypatch
     assert calls == [["a cat", "a dog"], ["a bird"]]
     assert gen.cached_text("a dog") is None and gen.cached_text("a cat") is not None
     gen.clear_text_cache()
+
+
+def test_the_answer_seed_also_seeds_the_video(models, clip_path):
+    settings = small_settings(seed=3)
+    settings.video.seed = 99  # ignored: one seed per answer
+    assert torch.equal(answer(models, clip_path, "What happens next?", settings).frames,
+                       answer(models, clip_path, "What happens next?", small_settings(seed=3)).frames)
+
+
+def test_the_text_encoder_is_placed_once_per_answer(demo_dir, clip_path, monkeypatch):
+    offloading = load_models(resolve_models(demo_dir), device=torch.device("cpu"), dtype=torch.float32, offload=True)
+    moves = []
+    encoder = offloading.generator.text_encoder
+    original = type(encoder).to
+
+    def counted(self, *args, **kwargs):
+        moves.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(encoder), "to", counted)
+    answer(offloading, clip_path, "What happens next?", small_settings())
+    assert len(moves) == 2  # on the device for caption + negative prompt together, then back
+
+
+def test_a_bad_dtype_is_a_one_line_error():
+    from vans.pipeline import pick_dtype
+
+    with pytest.raises(InputError, match="dtype 'bf': use one of auto, bf16"):
+        pick_dtype(torch.device("cpu"), "bf")

@@ -359,6 +359,19 @@ def test_umt5_fp8_scaled_is_dequantised_within_fp8_error(umt5_files):
             assert torch.equal(loaded[key], tensor.half().float()), key
 
 
+def test_fp8_weights_are_dequantised_straight_to_the_load_dtype(umt5_files):
+    """A bf16 load of an fp8 file must not hold every weight in fp32 first (peak memory)."""
+    from vans.wan.files import dequantize_scaled_fp8
+
+    raw = load_file(str(umt5_files["fp8"]))
+    out = dequantize_scaled_fp8(raw, dtype=torch.bfloat16)
+    key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert out[key].dtype == torch.bfloat16
+    exact = raw[key].float() * raw[key[: -len("weight")] + "scale_weight"].float()
+    assert torch.equal(out[key], exact.bfloat16())  # one rounding, from the fp32 product
+    assert not any(t.dtype == torch.float32 for k, t in out.items() if raw[k].dtype == torch.float8_e4m3fn)
+
+
 @pytest.mark.parametrize("layout", ["diffusers_folder", "wan_pth"])
 def test_umt5_other_layouts_give_the_same_embeddings(layout, umt5_files, text_encoder):
     other = load_text_encoder(umt5_files[layout], dtype=torch.float32, allow_pickle=True)

@@ -43,7 +43,8 @@ def _answer_parser(sub) -> None:
     g.add_argument("--allow-pickle", action="store_true", help="allow .pt/.pth/.bin pickle files (can run code: trust them first)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
-    r.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     r.add_argument("--no-offload", action="store_true", help="keep every model on the device (needs more memory)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     s = p.add_argument_group("sampling (defaults of the VANS paper and official code)")

@@ -189,7 +189,9 @@ class VideoGenerator:
         """Input clip [T, H, W, C] at the target size + caption -> answer video [T, H, W, C]."""
         settings = settings or GenerationSettings()
         settings.validate()
-        cond = self.encode_text([caption])
+        # caption and negative prompt in one pass: the (large) text encoder is placed on the device once
+        texts = [caption] + ([settings.negative_prompt] if settings.guidance != 1.0 else [])
+        cond = self.encode_text(texts)[:1]
         context = self.encode_context(frames, settings.num_context)
         result = self.sample(context, cond, settings)
         return self.decode(result.latents)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,10 +65,15 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if dtype and dtype != "auto":
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        if dtype not in DTYPES:
+            raise InputError(f"dtype '{dtype}': use one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -120,7 +125,8 @@ def answer(models: VansModels, video_path: str | os.PathLike, question: str,
         raise InputError("the VLM wrote an empty caption; try another seed or rephrase the question")
 
     t0 = time.perf_counter()
-    frames = models.generator.generate(vdm_clip.frames, result.caption, vs)
+    # one seed for the whole answer: the caption's sampling and the video's initial noise
+    frames = models.generator.generate(vdm_clip.frames, result.caption, replace(vs, seed=settings.seed))
     timings["video_s"] = time.perf_counter() - t0
     return Answer(question=question, caption=result.caption, think=result.think, raw=result.raw,
                   frames=frames.float().cpu(), fps=vs.fps, timings=timings)

@@ -199,7 +199,8 @@ def _check_config(config: dict, dim: int, name: str) -> None:
 
 
 def inspect_dit_state_dict(sd: Mapping[str, torch.Tensor], name: str = "the file",
-                           folder_config: dict | None = None) -> tuple[DitPlan, dict[str, torch.Tensor]]:
+                           folder_config: dict | None = None,
+                           dtype: torch.dtype = torch.float32) -> tuple[DitPlan, dict[str, torch.Tensor]]:
     """Check that ``sd`` (real or meta tensors, any accepted layout) is a Wan2.1 T2V DiT; return the
     plan and the tensors in diffusers names (fp8 dequantised), ready to assign.
 
@@ -212,7 +213,7 @@ def inspect_dit_state_dict(sd: Mapping[str, torch.Tensor], name: str = "the file
     variant = _variant_of(sd)
     if variant:
         raise _refuse(name, variant)
-    sd = dequantize_scaled_fp8(sd, what=WHAT, name=name)
+    sd = dequantize_scaled_fp8(sd, what=WHAT, name=name, dtype=dtype)
     layout = dit_layout(sd)
     file_names = {k: k for k in sd}
     if layout == "wan":
@@ -288,7 +289,7 @@ def load_dit(path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.d
         model = build_dit(plan.config)
         check_keys(model, named, what=WHAT, name=name, expected=EXPECTED, file_name=_file_name(plan))
     plan, named = inspect_dit_state_dict(read_weights(files, what=WHAT, allow_pickle=allow_pickle), name,
-                                         folder_config)
+                                         folder_config, dtype)
     model = build_dit(plan.config)
     extra = check_keys(model, named, what=WHAT, name=name, expected=EXPECTED, file_name=_file_name(plan))
     plan.extra_keys = [plan.file_names.get(k, k) for k in extra]

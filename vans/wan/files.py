@@ -160,12 +160,14 @@ def is_fp8_side_key(key: str) -> bool:
     return key == "scaled_fp8" or key.endswith(_FP8_SIDE_KEYS)
 
 
-def dequantize_scaled_fp8(sd: Mapping[str, torch.Tensor], *, what: str = "model",
-                          name: str = "") -> dict[str, torch.Tensor]:
+def dequantize_scaled_fp8(sd: Mapping[str, torch.Tensor], *, what: str = "model", name: str = "",
+                          dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """float8 weights times their per-tensor ``scale_weight`` (ComfyUI's scaled-fp8 convention, as in
     comfy/ops.py: ``weight.to(dtype) * scale_weight``); fp8 weights without a scale are upcast as they are.
 
-    Works on meta tensors too (the header check), where only the dtypes change.
+    The product is computed in fp32 one tensor at a time and stored in ``dtype``, the dtype the model is
+    loaded in: a bf16 load of the fp8 umT5-XXL then peaks near its bf16 size instead of holding every
+    weight in fp32 first. Works on meta tensors too (the header check), where only the dtypes change.
     """
     out: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
@@ -184,10 +186,10 @@ def dequantize_scaled_fp8(sd: Mapping[str, torch.Tensor], *, what: str = "model"
         if scale.numel() != 1:
             raise ModelFileError(f"{what} file {name}: '{weight_key}' uses a block-wise fp8 scale, which is not "
                                  "supported; use the fp16/bf16 or the per-tensor scaled fp8 file")
-        out[weight_key] = weight.to(torch.float32) * scale.to(torch.float32).reshape(())
+        out[weight_key] = (weight.to(torch.float32) * scale.to(torch.float32).reshape(())).to(dtype)
     for key, tensor in out.items():
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            out[key] = tensor.to(torch.float32)
+            out[key] = tensor.to(dtype)
     return out
 
 

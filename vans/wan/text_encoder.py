@@ -219,6 +219,7 @@ def _refuse(name: str, what_it_is: str) -> ModelFileError:
 
 def inspect_umt5_state_dict(
     sd: Mapping[str, torch.Tensor], name: str = "the file", folder_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
     """Check ``sd`` is a umT5 encoder; return (config, HF-named dequantised tensors, spiece_model or None)."""
     sd = strip_known_prefix(sd, UMT5_PREFIXES)
@@ -226,7 +227,7 @@ def inspect_umt5_state_dict(
     kind = detect_checkpoint_kind(sd)
     if kind != "umt5":
         raise _refuse(name, describe_kind(kind))
-    sd = dequantize_scaled_fp8(sd, what=WHAT, name=name)
+    sd = dequantize_scaled_fp8(sd, what=WHAT, name=name, dtype=dtype)
     if "token_embedding.weight" in sd:
         sd = wan_t5_to_hf_layout(sd)
     required = ("shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -272,7 +273,7 @@ def load_text_encoder(path, *, tokenizer=None, dtype: torch.dtype = torch.bfloat
     if is_safetensors(files):  # refuse a wrong file before reading gigabytes
         inspect_umt5_state_dict(read_headers(files, what=WHAT), name, folder_config)
     config, named, spiece = inspect_umt5_state_dict(read_weights(files, what=WHAT, allow_pickle=allow_pickle), name,
-                                                    folder_config)
+                                                    folder_config, dtype)
     tok = _resolve_tokenizer(tokenizer, spiece, beside, name)
     model = empty_model(lambda: UMT5EncoderModel(UMT5Config(**config)))
     extra = _split_ignored(check_keys(model, named, what=WHAT, name=name, expected=EXPECTED))
