@@ -208,19 +208,22 @@ def test_cli_refuses_an_empty_question(tmp_path, demo_dir):
 
 
 def test_text_embeddings_are_cached_and_the_cache_is_bounded(models, monkeypatch):
-    gen = models.generator
-    gen.clear_text_cache()
+    from vans.generator import VideoGenerator
+
+    shared = models.generator
+    gen = VideoGenerator(shared.dit, shared.text_encoder, shared.vae, text_cache_size=2)
     calls = []
     encode = gen.text_encoder.encode
     monkeypatch.setattr(gen.text_encoder, "encode", lambda texts: calls.append(list(texts)) or encode(texts))
-    monkeypatch.setattr(type(gen), "TEXT_CACHE_SIZE", 2)
     first = gen.encode_text(["a cat", "a dog", "a cat"])
     assert calls == [["a cat", "a dog"]] and torch.equal(first[0], first[2])
     gen.encode_text(["a cat"])  # cached: no encoder call, and "a cat" becomes the most recent
     gen.encode_text(["a bird"])  # evicts the least recently used ("a dog")
     assert calls == [["a cat", "a dog"], ["a bird"]]
     assert gen.cached_text("a dog") is None and gen.cached_text("a cat") is not None
-    gen.clear_text_cache()
+    three = gen.encode_text(["x", "y", "z"])  # more new texts than the cache holds: all still returned
+    assert three.shape[0] == 3  # (x, y, z) are encoded although only two fit in the cache
+    torch.testing.assert_close(three[0], gen.encode_text(["x"])[0], rtol=1e-4, atol=1e-5)  # batch vs alone
 
 
 def test_the_answer_seed_also_seeds_the_video(models, clip_path):

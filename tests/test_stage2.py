@@ -57,6 +57,9 @@ def test_tiny_run_logs_every_term_and_the_first_ratio_is_one(trained):
         assert row["logprob_diff_max"] == 0.0 and row["ratio_min"] == row["ratio_max"] == 1.0
         assert row["clip_frac"] == 0.0
         assert row["count/groups"] == 2 and row["count/trained_steps"] == 2 * cfg.video.steps
+        # the raw r2 = CLIP-V + CLIP-T, not the group-normalised reward (whose mean is always about 0)
+        assert row["reward/total_mean"] == pytest.approx(row["reward/clip_v_mean"] + row["reward/clip_t_mean"])
+        assert row["reward/total_mean"] > 0.05
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the policy left the reference after the first update
     # random tiny VLM: its captions never reach ROUGE-L 0.6, so every anchor fell back to the GT caption
     assert rows[0]["count/anchor_fallbacks"] == 2 and rows[0]["count/anchor_vlm_calls"] == 2 * cfg.anchor.max_tries
@@ -138,6 +141,32 @@ def test_stage2_raises_a_reward_the_tiny_model_can_move(tmp_path, demo_models, d
     assert after - before > 1.5 * spread, (before, after, spread)
     assert sum(rewards[-4:]) / 4 - sum(rewards[:4]) / 4 > 0.5 * spread, rewards
     assert all(r["ratio_mean"] == 1.0 for r in rows)
+    assert all(r["reward/total_mean"] == pytest.approx(r["reward/brightness_mean"]) for r in rows)
+
+
+def test_text_encoder_is_not_moved_when_every_text_is_cached(tmp_path, demo_models, demo_dataset, monkeypatch):
+    cfg, policy, _ = make(tmp_path / "run", demo_models, demo_dataset, *LEARN, "video.guidance=2.0")
+    encoder, moves = policy.generator.text_encoder, []
+    real_to = encoder.to
+    monkeypatch.setattr(encoder, "to", lambda *a, **k: moves.append(a) or real_to(*a, **k))
+    sample = load_samples(demo_dataset).samples[0]
+    first = policy._prepare(sample, 0, stage2._Timer(policy.device))
+    assert moves  # the anchor and the negative prompt had to be encoded
+    moves.clear()
+    again = policy._prepare(sample, 1, stage2._Timer(policy.device))
+    assert moves == [] and torch.equal(again.cond, first.cond)
+    assert policy.generator.cached_text(cfg.generation_settings().negative_prompt) is not None
+
+
+def test_context_latents_on_the_device_are_a_bounded_lru(tmp_path, demo_models, demo_dataset):
+    cfg = load_config(Stage2Config, CONFIGS / "stage2_tiny.yaml",
+                      tiny_overrides(tmp_path / "run", demo_models, demo_dataset, *LEARN))
+    policy = Stage2Policy(cfg, context_cache_size=2)
+    samples = load_samples(demo_dataset).samples[:3]
+    contexts = [policy._context(s) for s in samples]
+    assert len(policy._contexts) == 2 and policy._contexts.get((samples[0].id, samples[0].video)) is None
+    assert torch.equal(policy._context(samples[0]), contexts[0])  # evicted: read back from the feature cache
+    assert policy.cache.misses == 3 and policy.cache.hits == 1
 
 
 def test_stage2_with_lr_zero_changes_nothing(tmp_path, demo_models, demo_dataset):

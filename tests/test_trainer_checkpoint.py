@@ -64,6 +64,21 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "resumed" / "export" / "toy.safetensors").is_file()
 
 
+def test_resume_refuses_another_number_of_processes(tmp_path, caplog):
+    run_toy(tmp_path, "run.stop_at=2")
+    state = latest_checkpoint(tmp_path / "checkpoints") / "state.json"
+    saved = json.loads(state.read_text())
+    assert saved["extra"]["world_size"] == 1
+    saved["extra"]["world_size"] = 2  # as if saved by a 2-process run
+    state.write_text(json.dumps(saved))
+    with pytest.raises(InputError, match=r"saved with 2 processes and this run has 1.*run\.allow_world_size_change"):
+        run_toy(tmp_path, "run.resume=true")
+    with caplog.at_level("WARNING", logger="vans.trainer"):
+        result, _ = run_toy(tmp_path, "run.resume=true", "run.allow_world_size_change=true")
+    assert result.first_step == 3 and result.finished
+    assert any("saved with 2 processes" in r.getMessage() for r in caplog.records)
+
+
 def test_refuses_to_overwrite_without_resume(tmp_path):
     run_toy(tmp_path, "run.steps=2")
     with pytest.raises(InputError, match="--resume"):

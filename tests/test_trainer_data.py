@@ -105,3 +105,26 @@ def test_feature_cache_computes_once_and_keys_by_content(tmp_path):
     single = cache.get_or_compute("t", ("text",), lambda: torch.ones(3))
     assert isinstance(single, torch.Tensor) and FeatureCache(tmp_path / "cache").get_or_compute(
         "t", ("text",), lambda: torch.zeros(3)).sum() == 3
+
+
+def test_memory_caches_are_bounded_lrus(tmp_path):
+    from vans.cache import LRUCache
+
+    lru = LRUCache(2)
+    lru.put("a", 1), lru.put("b", 2)
+    assert lru.get("a") == 1  # "a" is now the most recent
+    lru.put("c", 3)
+    assert len(lru) == 2 and "b" not in lru and lru.get("a") == 1 and lru.get("c") == 3
+    with pytest.raises(InputError, match="at least 1"):
+        LRUCache(0)
+    calls = []
+
+    def compute(n):
+        return lambda: calls.append(n) or torch.full((2,), float(n))
+
+    cache = FeatureCache(None, memory_entries=2)
+    for n in (1, 2, 3):
+        cache.get_or_compute("x", [n], compute(n))
+    assert len(cache._memory) == 2
+    assert cache.get_or_compute("x", [3], compute(3))[0] == 3 and calls == [1, 2, 3]  # kept
+    assert cache.get_or_compute("x", [1], compute(1))[0] == 1 and calls == [1, 2, 3, 1]  # evicted: recomputed

@@ -50,11 +50,12 @@ def tiny_overrides(out_dir, models, data, *extra: str) -> list[str]:
 class ToyPolicy:
     """Fits w·x ≈ x·w_true on fresh random x each step; ``reward/total`` = −loss. Knobs for tests:
     ``nan_at`` (steps whose gradient is NaN), ``oom_at`` (steps that raise CUDA OOM), ``sleep`` (s per step),
-    ``silent_at`` (steps with no learning signal, as when every group has zero reward spread)."""
+    ``silent_at`` (steps with no learning signal, as when every group has zero reward spread),
+    ``error_at`` ((rank, step) pairs where ``step`` raises ValueError, as for a bad video; rank = $RANK)."""
 
     memory_settings = ("toy.batch",)
 
-    def __init__(self, dim: int = 4, nan_at=(), oom_at=(), sleep: float = 0.0, silent_at=()):
+    def __init__(self, dim: int = 4, nan_at=(), oom_at=(), sleep: float = 0.0, silent_at=(), error_at=()):
         import torch
 
         torch.manual_seed(0)
@@ -62,6 +63,7 @@ class ToyPolicy:
         self.target = torch.arange(1.0, dim + 1)
         self.nan_at, self.oom_at, self.sleep = set(nan_at), set(oom_at), sleep
         self.silent_at = set(silent_at)
+        self.error_at = {(int(r), int(s)) for r, s in error_at}
         self.batches: list[list[str]] = []
 
     def trainable_parameters(self):
@@ -77,12 +79,16 @@ class ToyPolicy:
             self.weight.copy_(sd["weight"])
 
     def step(self, batch, step):
+        import os
         import time
 
         import torch
 
         if step in self.oom_at:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        rank = int(os.environ.get("RANK", "0"))
+        if (rank, step) in self.error_at:
+            raise ValueError(f"toy input video is unreadable on rank {rank} at step {step}")
         self.batches.append([s.id for s in batch])
         x = torch.randn(8 * len(batch), self.weight.numel())
         loss = ((x @ self.weight - x @ self.target) ** 2).mean()
@@ -126,19 +132,23 @@ def run_toy(out_dir, *overrides: str, policy: ToyPolicy | None = None):
     return result, policy
 
 
-if __name__ == "__main__":  # python tests/trainer_fixtures.py OUT_DIR [--sleep S] [key=value ...] (subprocess tests)
+if __name__ == "__main__":  # subprocess tests:
+    # python tests/trainer_fixtures.py OUT_DIR [--sleep S] [--error-at RANK:STEP] [key=value ...]
     import sys
 
     sys.path.insert(0, str(REPO))
     args = sys.argv[1:]
-    sleep = 0.0
-    if args[1:2] == ["--sleep"]:
-        sleep = float(args[2])
+    sleep, error_at = 0.0, []
+    while args[1:2] and args[1] in ("--sleep", "--error-at"):
+        if args[1] == "--sleep":
+            sleep = float(args[2])
+        else:
+            error_at.append(tuple(args[2].split(":")))
         args = args[:1] + args[3:]
     import json
     import os
 
-    result, toy = run_toy(args[0], *args[1:], policy=ToyPolicy(sleep=sleep))
+    result, toy = run_toy(args[0], *args[1:], policy=ToyPolicy(sleep=sleep, error_at=error_at))
     rank = int(os.environ.get("RANK", "0"))
     record = {"weight": toy.weight.tolist(), "batches": toy.batches}
     (Path(args[0]) / f"toy_rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")

@@ -68,6 +68,8 @@ class RunConfig:
     device: str = doc("auto", "auto, cpu, cuda or cuda:N (under accelerate each process uses its own GPU)")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     resume: bool = doc(False, "continue from the latest checkpoint in out_dir/checkpoints (same as --resume)")
+    allow_world_size_change: bool = doc(False, "let --resume continue a checkpoint saved with another number of "
+                                                "processes (the run is then no longer an exact replay)")
     stop_at: int = doc(0, "end this invocation after this step with a checkpoint (0 = run to the end); "
                           "for time-limited jobs, continue later with --resume")
     plot: bool = doc(True, "write PNG reward curves at the end of the run (needs matplotlib)")

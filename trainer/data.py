@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from vans.cache import LRUCache
 from vans.errors import InputError
 
 log = logging.getLogger("vans.trainer")
@@ -200,23 +201,25 @@ class FeatureCache:
     """``get_or_compute(kind, key_parts, fn)``: the cached tensor(s), or ``fn()`` computed once and stored.
 
     ``fn`` returns a tensor or a dict of tensors; the same type comes back. ``hits`` / ``misses`` count
-    lookups in this process.
+    lookups in this process. The last ``memory_entries`` values are also kept in memory (an LRU); older
+    ones are read back from disk (or recomputed when there is no folder).
     """
 
-    def __init__(self, directory: str | os.PathLike | None):
+    def __init__(self, directory: str | os.PathLike | None, memory_entries: int = 256):
         self.dir = Path(directory) if directory else None
         self.hits = 0
         self.misses = 0
-        self._memory: dict[str, object] = {}
+        self._memory = LRUCache(memory_entries)
 
     def path_for(self, kind: str, key: str) -> Path:
         return self.dir / kind / f"{key}.safetensors"
 
     def get_or_compute(self, kind: str, key_parts: Iterable, fn: Callable[[], torch.Tensor | dict]):
         key = cache_key(kind, list(key_parts))
-        if key in self._memory:
+        value = self._memory.get(key)
+        if value is not None:
             self.hits += 1
-            return self._memory[key]
+            return value
         value = self._read(kind, key)
         if value is None:
             self.misses += 1
@@ -224,8 +227,7 @@ class FeatureCache:
             self._write(kind, key, value)
         else:
             self.hits += 1
-        self._memory[key] = value
-        return value
+        return self._memory.put(key, value)
 
     def _read(self, kind: str, key: str):
         if self.dir is None:

@@ -18,7 +18,11 @@ Data parallel: under ``accelerate launch`` (or torchrun) each process holds a fu
 prompts ``rank::world`` of the step's ``run.prompts_per_step``, computes advantages within its own
 groups (a group never spans processes) and its gradients are averaged with one all-reduce before the
 optimizer step, so every process applies the same update. Metrics are averaged over processes, except
-keys starting with ``count/`` or ``groups/`` which are summed.
+keys starting with ``count/`` or ``groups/`` (summed), keys ending in ``_min`` (minimum), keys ending in
+``_max`` or ``mismatch`` and ``mem/`` keys (maximum), and the update counts decided after the all-reduce
+(``SHARED_KEYS``, the same on every process: reported once). If ``policy.step`` raises on any process,
+every process raises before the gradient all-reduce (the others name the failing rank) instead of
+waiting in it forever.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from vans.errors import InputError
+from vans.errors import InputError, VansError
 from vans.progress import progress
 
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
@@ -45,6 +49,32 @@ from .metrics import MetricsLogger, peak_memory_mb, reset_peak_memory
 log = logging.getLogger("vans.trainer")
 
 SUM_PREFIXES = ("count/", "groups/")
+# decided after the gradient all-reduce, hence equal on every process: reported once, never summed
+SHARED_KEYS = ("count/skipped_updates", "count/no_signal_updates")
+MIN_SUFFIXES = ("_min",)
+MAX_SUFFIXES = ("_max", "mismatch")  # "abs_max" ends in "_max"
+
+
+def reduce_metric_values(gathered: list[dict]) -> dict:
+    """One metrics dict from every process's dict (see the module docstring for the rule per key).
+    Non-numeric values are dropped; means, minima and maxima ignore non-finite values."""
+    out = {}
+    for key in dict.fromkeys(k for m in gathered for k in m):
+        values = [m[key] for m in gathered if isinstance(m.get(key), (int, float))]
+        if not values:
+            continue
+        finite = [v for v in values if math.isfinite(v)]
+        if key in SHARED_KEYS:
+            out[key] = max(values)
+        elif key.startswith(SUM_PREFIXES):
+            out[key] = sum(values)
+        elif key.startswith("mem/") or key.endswith(MAX_SUFFIXES):
+            out[key] = max(finite) if finite else float("nan")
+        elif key.endswith(MIN_SUFFIXES):
+            out[key] = min(finite) if finite else float("nan")
+        else:
+            out[key] = sum(finite) / len(finite) if finite else float("nan")
+    return out
 
 
 class TrainingPolicy(Protocol):
@@ -106,19 +136,7 @@ class Runtime:
             return metrics
         gathered: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, metrics)
-        out = {}
-        for key in dict.fromkeys(k for m in gathered for k in m):
-            values = [m[key] for m in gathered if isinstance(m.get(key), (int, float)) and m[key] is not None]
-            if not values:
-                continue
-            if key.startswith(SUM_PREFIXES):
-                out[key] = sum(values)
-            elif key.startswith("mem/"):
-                out[key] = max(values)
-            else:
-                finite = [v for v in values if math.isfinite(v)]
-                out[key] = sum(finite) / len(finite) if finite else float("nan")
-        return out
+        return reduce_metric_values(gathered)
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -255,6 +273,13 @@ def _resume(cfg, policy, optimizer, scheduler, ckpt_dir: Path, logger: MetricsLo
         logger.truncate_after(0)
         return 0
     trainable, data_state, extra = load_training_state(path, optimizer, scheduler)
+    saved = extra.get("world_size")
+    if saved is not None and int(saved) != runtime.world_size:
+        message = (f"checkpoint {path} was saved with {saved} processes and this run has {runtime.world_size}; "
+                   "the data split and the per-process seeds differ, so the resume is not exact")
+        if not cfg.run.allow_world_size_change:
+            raise InputError(f"{message}; launch {saved} processes or set run.allow_world_size_change=true")
+        log.warning("%s (allowed by run.allow_world_size_change)", message)
     policy.load_trainable_state_dict(trainable)
     logger.truncate_after(extra["step"])
     log.info("resumed from %s (step %d, data position %s)", path, extra["step"], data_state.get("position"))
@@ -323,14 +348,16 @@ def _one_step(cfg, policy, runtime: Runtime, optimizer, scheduler, params, order
     optimizer.zero_grad(set_to_none=True)
     reset_peak_memory(runtime.device)
     start = time.perf_counter()
+    error: BaseException | None = None
     try:
         metrics = dict(policy.step(batch, step))
     except Exception as exc:
+        error = exc
         if _is_oom(exc):
             settings = ", ".join(list(getattr(policy, "memory_settings", ())) + ["run.prompts_per_step"])
-            raise InputError(f"out of memory at step {step} on {runtime.device}; lower {settings} "
-                             "(or use a GPU with more memory)") from None
-        raise
+            error = InputError(f"out of memory at step {step} on {runtime.device}; lower {settings} "
+                               "(or use a GPU with more memory)")
+    _raise_if_any_failed(runtime, error, step)
     t_opt = time.perf_counter()
     grads = _grads(params)
     runtime.all_reduce_mean(grads)
@@ -356,6 +383,23 @@ def _one_step(cfg, policy, runtime: Runtime, optimizer, scheduler, params, order
     metrics["mem/peak_mb"] = peak_memory_mb(runtime.device)
     metrics["data/epoch"] = ((step - 1) * run.prompts_per_step) // max(1, order.count)
     return runtime.reduce_metrics(metrics)
+
+
+def _raise_if_any_failed(runtime: Runtime, error: BaseException | None, step: int) -> None:
+    """Raise on every process when ``policy.step`` failed on any (before the gradient all-reduce, which
+    would otherwise wait forever for the failed process): the failed one raises its own error."""
+    failed = [runtime.rank] if error is not None else []
+    if runtime.distributed:
+        flags = torch.zeros(runtime.world_size, device=runtime.device)
+        flags[runtime.rank] = float(error is not None)
+        torch.distributed.all_reduce(flags)
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if error is not None:
+        raise error
+    if failed:
+        message = f"rank {failed[0]} failed at step {step}: see its log"
+        log.error("%s", message)
+        raise VansError(message)
 
 
 def _save(policy, optimizer, scheduler, ckpt_dir: Path, step: int, order: DataOrder, run, runtime: Runtime) -> None:

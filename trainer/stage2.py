@@ -226,11 +226,13 @@ class Stage2Policy:
                        "grpo.step_selection", "video.num_frames")
 
     def __init__(self, cfg: Stage2Config, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 cache=None, rank: int = 0):
+                 cache=None, rank: int = 0, context_cache_size: int = 8):
         from vans.models import require, resolve_models
         from vans.wan import load_dit, load_text_encoder, load_vae
         from vans.generator import VideoGenerator
         from vans.wan.dit import check_text_encoder_matches
+
+        from vans.cache import LRUCache
 
         from .data import FeatureCache
 
@@ -265,7 +267,7 @@ class Stage2Policy:
         self._captioner = None
         self._clip = None
         self._anchors: dict[str, tuple[str, int, bool]] = {}
-        self._contexts: dict[str, torch.Tensor] = {}
+        self._contexts = LRUCache(context_cache_size)  # device copies of the most recent context latents
 
     # -- TrainingPolicy protocol -------------------------------------------------------------------
 
@@ -315,10 +317,13 @@ class Stage2Policy:
                 terms = self._reward(videos, prompt)
             reward = terms["reward"]
             counts["groups"] += 1
-            for name, values in terms.items():
-                if name not in ("reward", "skipped") and not name.endswith("_norm"):
-                    totals.setdefault(f"reward_{name}", []).extend(values.tolist())
-            totals.setdefault("reward_total", []).extend(reward.tolist())
+            raw = {name: values for name, values in terms.items()
+                   if name not in ("reward", "skipped") and not name.endswith("_norm")}
+            for name, values in raw.items():
+                totals.setdefault(f"reward_{name}", []).extend(values.tolist())
+            # the raw sum of the terms; the group-normalised ``reward`` (mean ≈ 0) only feeds the advantages
+            total = sum(raw.values()) if raw else reward
+            totals.setdefault("reward_total", []).extend(total.tolist())
             totals.setdefault("frame_change", []).extend(_frame_change(videos).tolist())
             if terms["skipped"]:
                 counts["skipped_groups"] += 1
@@ -344,9 +349,11 @@ class Stage2Policy:
     def _prepare(self, sample, seed: int, timer: _Timer) -> _Prompt:
         anchor, tries, fallback = self._anchor(sample, seed)
         context = self._context(sample)
-        with _on(self.generator.text_encoder, self.device):
+        texts = [anchor] + ([self.settings.negative_prompt] if self.settings.guidance != 1.0 else [])
+        missing = any(self.generator.cached_text(t) is None for t in texts)
+        with _on(self.generator.text_encoder, self.device) if missing else contextlib.nullcontext():
             cond = self.generator.encode_text([anchor])
-            if self.settings.guidance != 1.0:
+            if len(texts) > 1:
                 self.generator.encode_text([self.settings.negative_prompt])  # cached for the rollouts
         gt = self._gt_features(sample) if self.cfg.reward.kind == "clip" else None
         return _Prompt(sample, anchor, tries, fallback, context, cond, gt)
@@ -393,7 +400,8 @@ class Stage2Policy:
 
         s = self.settings
         key = (sample.id, sample.video)
-        if key not in self._contexts:
+        cached = self._contexts.get(key)
+        if cached is None:
             def encode() -> torch.Tensor:
                 clip = read_video(sample.video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
                                   min_frames=1, what="input video")
@@ -402,8 +410,8 @@ class Stage2Policy:
             latents = self.cache.get_or_compute("stage2_context", [Path(sample.video), Path(self.paths.vae),
                                                                    s.num_frames, s.height, s.width, s.num_context],
                                                 encode)
-            self._contexts[key] = latents.to(self.device, self.dtype)
-        return self._contexts[key]
+            cached = self._contexts.put(key, latents.to(self.device, self.dtype))
+        return cached
 
     def _gt_features(self, sample) -> torch.Tensor:
         from vans.video import read_video

@@ -8,12 +8,12 @@ context prepended at every step and stripped from every prediction) → decode.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
 
+from .cache import LRUCache
 from .context import DEFAULT_NUM_CONTEXT, prepend_context, select_context, strip_context
 from .errors import InputError
 from .sampling import SampleResult, VelocityFn, sample_flow
@@ -71,14 +71,15 @@ class VideoGenerator:
     """
 
     def __init__(self, dit, text_encoder, vae, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, offload: bool = False):
+                 dtype: torch.dtype = torch.float32, offload: bool = False, text_cache_size: int = 256):
         self.dit = dit
         self.text_encoder = text_encoder
         self.vae = vae
         self.device = torch.device(device)
         self.dtype = dtype
         self.offload = offload
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
+        # prompts kept on the device (a training run sees one anchor caption per sample)
+        self._text_cache = LRUCache(text_cache_size)
 
     # -- model placement -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -94,32 +95,26 @@ class VideoGenerator:
                     torch.cuda.empty_cache()
 
     # -- 1. text ---------------------------------------------------------------------------
-    TEXT_CACHE_SIZE = 256  # prompts kept (a training run sees one anchor caption per sample)
-
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """[B, L, D] umT5 embeddings, cached per text (the negative prompt is encoded once per process)."""
         missing = [t for t in dict.fromkeys(texts) if self.cached_text(t) is None]
+        embeds = {}
         if missing:
             with self._placed(self.text_encoder):
-                embeds = self.text_encoder.encode(missing)
-            for text, emb in zip(missing, embeds):
+                embeds = dict(zip(missing, self.text_encoder.encode(missing)))
+            for text, emb in embeds.items():
                 self.remember_text(text, emb)
-        return torch.stack([self._text_cache[t] for t in texts])
+        return torch.stack([self.cached_text(t) if t not in embeds else embeds[t].to(self.device, self.dtype)
+                            for t in texts])
 
     def cached_text(self, text: str) -> torch.Tensor | None:
         """The cached embedding of ``text`` (marked as recently used), or None."""
-        emb = self._text_cache.get(text)
-        if emb is not None:
-            self._text_cache.move_to_end(text)
-        return emb
+        return self._text_cache.get(text)
 
     def remember_text(self, text: str, embedding: torch.Tensor) -> None:
         """Cache an embedding computed elsewhere (e.g. loaded from a trainer's disk cache)."""
-        self._text_cache[text] = embedding.to(self.device, self.dtype)
-        self._text_cache.move_to_end(text)
-        while len(self._text_cache) > self.TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
+        self._text_cache.put(text, embedding.to(self.device, self.dtype))
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
