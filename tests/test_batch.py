@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import socket
 import struct
@@ -54,6 +53,9 @@ class FakeComfy:
         self.questions: list[str] = []
         self.deleted: set[str] = set()
         self.fail_posts = 0  # answer the next N /prompt with 503
+        self.garbled_posts = 0  # answer the next N /prompt with HTTP 200 and a body that is not JSON
+        self.posts: list[str] = []  # the question of every graph POSTed to /prompt
+        self.paused = threading.Event()  # while set, nothing is executed (prompts stay queued)
         self.pongs = 0
         self.sockets: dict[str, tuple[socket.socket, threading.Lock]] = {}
         self.lock = threading.Lock()
@@ -150,6 +152,10 @@ class FakeComfy:
             payload = json.loads(body)
             graph, client_id = payload["prompt"], payload.get("client_id", "")
             caption_id = next(k for k, n in graph.items() if n["class_type"] == "VANSNextEventCaption")
+            self.posts.append(graph[caption_id]["inputs"]["question"])
+            if self.garbled_posts > 0:
+                self.garbled_posts -= 1
+                return self.reply(h, 200, b"<html>proxy error</html>", "text/html")
             if graph[caption_id]["inputs"]["question"].startswith("INVALID"):
                 return self.reply(h, 400, {
                     "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
@@ -232,7 +238,7 @@ class FakeComfy:
     def execute_loop(self):
         while self.running:
             with self.lock:
-                job = self.queue[0] if self.queue else None
+                job = self.queue[0] if self.queue and not self.paused.is_set() else None
             if job is None:
                 time.sleep(0.005)
                 continue
@@ -620,3 +626,182 @@ def test_command_line(tmp_path, fake, capsys):
     assert "[2/2]" in captured.err and "item1" in captured.err
     rc = main(["batch", str(manifest), "--out", str(tmp_path / "out"), "--server", "ftp://x"])
     assert rc == 2 and "not an http URL" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure paths that used to lose an item or kill a worker
+# ---------------------------------------------------------------------------------------------
+
+
+def run_bounded(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a thread; fails the test (instead of hanging it) when it does not return in time."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(value=fn(*args, **kwargs)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {seconds} s (hung)"
+    assert "value" in box, "it raised (see the thread's traceback above)"
+    return box["value"]
+
+
+def test_a_malformed_prompt_reply_is_retried_and_never_loses_the_item(tmp_path):
+    servers = [FakeComfy(delay=0.05).start(), FakeComfy(delay=0.05).start()]
+    servers[0].garbled_posts = 1  # its first /prompt answers 200 with a body that is not JSON
+    try:
+        manifest = make_items(tmp_path, 4)
+        counts, _ = run_bounded(30, run_batch, manifest, tmp_path / "out", [s.url for s in servers], in_flight=1)
+        assert counts == {"ok": 4}
+        rows = results(tmp_path / "out")
+        assert sorted(r["id"] for r in rows) == [f"item{i}" for i in range(4)]
+        assert sum(r["attempts"] for r in rows) == 4 + 1  # the garbled answer cost one retry of one item
+        assert servers[0].garbled_posts == 0
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_garbled_replies_are_bounded_by_retries_and_an_unreadable_video_fails_its_item(tmp_path, fake, monkeypatch):
+    manifest = make_items(tmp_path, 2)
+    fake.garbled_posts = 100
+    counts, _ = run_bounded(30, run_batch, manifest, tmp_path / "out", [fake.url], in_flight=1, retries=1)
+    assert counts == {"gave_up": 2}
+    assert all(r["attempts"] == 2 and "not JSON" in r["error"] for r in results(tmp_path / "out"))
+    fake.garbled_posts = 0
+    unreadable, read_bytes = tmp_path / "videos" / "clip1.mp4", Path.read_bytes
+
+    def failing_read(path):  # the file exists but cannot be read (as root, chmod would not stop the read)
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    counts, _ = run_bounded(30, run_batch, manifest, tmp_path / "out2", [fake.url], in_flight=1)
+    assert counts == {"ok": 1, "error": 1}
+    (row,) = [r for r in results(tmp_path / "out2") if r["id"] == "item1"]
+    assert "cannot be read" in row["error"] and row["attempts"] == 1
+
+
+class StubSocket:
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def recv(self, timeout):
+        return self.messages.pop(0) if self.messages else None
+
+    def close(self):
+        pass
+
+
+class StubClient:
+    """A ComfyClient stand-in: a fixed history, and a log of withdrawn prompt ids."""
+
+    url = "http://stub:1"
+
+    def __init__(self, history=None):
+        self.entries = history or {}
+        self.withdrawn = []
+
+    def history(self, prompt_id):
+        return self.entries.get(prompt_id)
+
+    def withdraw(self, prompt_id):
+        self.withdrawn.append(prompt_id)
+
+
+def test_a_prompt_that_ends_as_it_times_out_is_recorded_once(tmp_path):
+    manifest = make_items(tmp_path, 1)
+    settings = BatchSettings(servers=[StubClient.url], item_timeout=1.0, **FAST)
+    runner = BatchRunner(load_manifest(manifest), WorkflowTemplate.build(load_workflow()), tmp_path / "out",
+                         settings, quiet=True)
+    client = StubClient({"p1": {"outputs": {}, "status": {"status_str": "success", "completed": True}}})
+    worker = batch._ServerWorker(runner, client)
+    job = runner.scheduler.take()
+    job.prompt_id, job.server, job.started = "p1", client.url, time.monotonic() - 10  # past --item-timeout
+    worker.inflight["p1"] = job
+    # the websocket reports the end in the same step in which the timeout check removes the prompt
+    worker.ws = StubSocket([json.dumps({"type": "execution_success", "data": {"prompt_id": "p1"}})])
+    worker._wait()
+    assert not worker.inflight and client.withdrawn == ["p1"]
+    assert runner.scheduler.finished()  # accounted for exactly once
+    (row,) = results(tmp_path / "out")
+    assert row["status"] == "error" and "timed out" in row["error"]
+
+
+def submit_directly(server: FakeComfy, manifest: Path, index: int) -> str:
+    """Queue item ``index`` on ``server`` as the batch would, outside any run: the prompt of a killed client."""
+    item = load_manifest(manifest)[index]
+    client = batch.ComfyClient(server.url)
+    name = client.upload(Path(item.video), f"direct_{index}.mp4")
+    template = WorkflowTemplate.build(load_workflow(), overrides=parse_set(["KSampler.steps=2"]))
+    return client.queue_prompt(template.fill(item, name), "killed-client")
+
+
+def submitted_record(item: str, server: str, prompt_id: str) -> dict:
+    return {"id": item, "status": "submitted", "server": server, "prompt_id": prompt_id, "attempts": 1}
+
+
+def test_a_rerun_collects_prompts_a_killed_client_left_on_the_server(tmp_path, fake):
+    manifest = make_items(tmp_path, 4)
+    out = tmp_path / "out"
+    store = ResultStore(out / "results.jsonl")
+    fake.paused.set()
+    done_id = submit_directly(fake, manifest, 0)
+    queued_id = submit_directly(fake, manifest, 1)
+    fake.on_executed = lambda server: server.paused.set()  # run item0's prompt only
+    fake.paused.clear()
+    deadline = time.monotonic() + 10
+    while done_id not in fake.executed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fake.on_executed = None
+    assert done_id in fake.executed and queued_id not in fake.executed
+    threading.Timer(0.5, fake.paused.clear).start()  # item1's prompt stays queued until the rerun is under way
+    store.add(submitted_record("item0", fake.url, done_id))  # finished while no client was there
+    store.add(submitted_record("item1", fake.url, queued_id))  # still queued
+    store.add(submitted_record("item2", fake.url, "unknown-to-the-server"))  # lost: submitted again
+    store.add(submitted_record("item3", "http://127.0.0.1:9", "elsewhere"))  # a server not in this run
+    assert not store.is_done("item0") and not ResultStore(store.path).is_done("item0")
+    fake.posts.clear()
+    counts, _ = run_bounded(30, run_batch, manifest, out, [fake.url], in_flight=2)
+    assert counts == {"ok": 4}
+    rows = {r["id"]: r for r in results(out)}
+    assert rows["item0"]["prompt_id"] == done_id and rows["item1"]["prompt_id"] == queued_id
+    assert (out / rows["item1"]["video"]).read_bytes() == b"MP4What happens next in clip 1?"
+    assert sorted(fake.posts) == ["What happens next in clip 2?", "What happens next in clip 3?"]  # no resubmission
+    assert len(results(out)) == 4  # compacted: no submitted lines left
+
+
+def test_submitted_records_are_written_and_ctrl_c_withdraws_the_prompts(tmp_path, fake):
+    manifest = make_items(tmp_path, 3, hang=(0, 1, 2))
+    out = tmp_path / "out"
+
+    class Interrupted(BatchRunner):
+        def _join(self, threads):  # Ctrl-C arrives once two prompts are on the server
+            deadline = time.monotonic() + 10
+            while len(fake.posts) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            raise KeyboardInterrupt
+
+    settings = BatchSettings(servers=[fake.url], in_flight=2, **FAST)
+    template = WorkflowTemplate.build(load_workflow(), overrides=parse_set(["KSampler.steps=2"]))
+    runner = Interrupted(load_manifest(manifest), template, out, settings, quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    rows = results(out)
+    assert [r["status"] for r in rows] == ["submitted", "submitted"]  # compacted: one line per item
+    ids = {r["prompt_id"] for r in rows}
+    assert len(ids) == 2 and all(r["server"] == fake.url for r in rows)
+    assert ids <= fake.deleted and ids <= set(fake.interrupts)  # withdrawn from the queue, interrupted if running
+    assert len(fake.posts) == 2  # nothing was submitted after the interrupt
+
+
+def test_evaluation_counts_a_submitted_item_as_not_finished(tmp_path):
+    from vans.evaluate import match
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.add({"id": "a", "status": "ok", "caption": "He cuts it.", "question": "q", "input_video": "a.mp4"})
+    store.add({"id": "b", "status": "ok", "caption": "old answer", "question": "q", "input_video": "b.mp4"})
+    store.add({**submitted_record("b", "http://127.0.0.1:8188", "p"), "question": "q", "input_video": "b.mp4"})
+    truth = [batch.Item(id=i, video=f"{i}.mp4", question="q", ground_truth="He cuts the onion.") for i in "ab"]
+    pairs, left_out = match(store.path, truth)
+    assert [p.id for p in pairs] == ["a"] and left_out == {"not_ok": 1, "no_ground_truth": 0, "missing": 0}

@@ -28,6 +28,12 @@ Robustness:
 * resumable: items whose last record is ``ok`` are skipped on a rerun (``error`` ones too, unless
   ``--retry-failed``); records are appended as they finish and the file is compacted to one line per
   item (manifest order) at the end;
+* a ``submitted`` record (``server``, ``prompt_id``) is appended as soon as a prompt is queued: a rerun
+  after a killed client asks that server (when it is in its ``--server`` list) instead of queueing the
+  item again: finished prompts are collected, queued ones waited for, unknown ones queued again; Ctrl-C
+  withdraws the in-flight prompts from the servers and compacts the file before exiting (status 130);
+* a malformed server reply (not JSON, a key missing) is retried like a transient failure; an unreadable
+  local video fails its item;
 * transient failures (connection refused or reset, HTTP 5xx, a prompt the server lost because it
   restarted, an interrupted prompt) are retried ``--retries`` times with exponential backoff; the item
   is then recorded ``gave_up`` and is retried on the next run;
@@ -77,6 +83,7 @@ OUTPUT_KEYS = ("images", "videos", "gifs")  # ui keys under which output nodes l
 DONE = "ok"
 FAILED = "error"  # the item itself is bad (validation or execution error): not retried unless asked
 GAVE_UP = "gave_up"  # transient failures exhausted the retries: retried on the next run
+SUBMITTED = "submitted"  # queued on ``server`` as ``prompt_id``, not collected yet: a rerun collects it there
 
 # Manifest column -> accepted names (first found wins), VANS CSV names included.
 COLUMNS = {
@@ -418,6 +425,14 @@ class WebSocket:
             pass
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a reply that is not JSON ({exc.msg})"
+    if isinstance(exc, KeyError):
+        return f"a reply without the key {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
                             http.client.HTTPException, OSError))
@@ -723,9 +738,28 @@ class BatchRunner:
         self.store = ResultStore(self.out / RESULTS_NAME)
         todo = [Job(item) for item in items if not self.store.is_done(item.id, settings.retry_failed)]
         self.scheduler = Scheduler(todo, settings, self._record)
+        self.workers = [_ServerWorker(self, ComfyClient(url, settings.http_timeout)) for url in settings.servers]
+        self._adopt_submitted()
         self.display = Display(len(todo), len(items) - len(todo), quiet, stream)
         self._graph_titles = {nid: title(n) or n["class_type"] for nid, n in template.graph.items()}
         self.worker_errors: list[str] = []
+        self.stopping = threading.Event()
+
+    def _adopt_submitted(self) -> None:
+        """Items a killed run left queued on one of this run's servers become in-flight prompts of that server's
+        worker, which checks ``/history`` and ``/queue`` when it connects: collected if finished, waited for if
+        still queued, submitted again if the server does not know them."""
+        by_url = {worker.client.url: worker for worker in self.workers}
+        for job in list(self.scheduler.pending):
+            record = self.store.records.get(job.item.id, {})
+            worker = by_url.get(str(record.get("server", "")).rstrip("/"))
+            if record.get("status") != SUBMITTED or worker is None or not record.get("prompt_id"):
+                continue
+            self.scheduler.pending.remove(job)
+            self.scheduler.active += 1  # being served, like a job taken and submitted
+            job.server, job.prompt_id = worker.client.url, str(record["prompt_id"])
+            job.attempts, job.started = int(record.get("attempts") or 1), time.monotonic()
+            worker.inflight[job.prompt_id] = job
 
     # -- results --------------------------------------------------------------------------------
     def _record(self, job: Job, status: str, error: str, caption: str = "", think: str = "",
@@ -742,15 +776,23 @@ class BatchRunner:
         self.store.add(record)
         self.display.item_done(record)
 
+    def _record_submitted(self, job: Job) -> None:
+        """Note a queued prompt at once, so that a client killed before it finishes does not queue it again."""
+        item = job.item
+        self.store.add({"id": item.id, "question": item.question, "input_video": item.video, "status": SUBMITTED,
+                        "error": "", "server": job.server, "prompt_id": job.prompt_id, "attempts": job.attempts})
+
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> dict:
-        clients = [ComfyClient(url, self.settings.http_timeout) for url in self.settings.servers]
-        threads = [threading.Thread(target=self._serve, args=(client,), daemon=True, name=f"vans-batch {client.url}")
-                   for client in clients]
+        threads = [threading.Thread(target=self._serve, args=(worker,), daemon=True,
+                                    name=f"vans-batch {worker.client.url}") for worker in self.workers]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            self._join(threads)
+        except KeyboardInterrupt:
+            self._stop(threads)
+            raise
         reason = "; ".join(self.worker_errors) or "no server reachable; start one and run again to resume"
         for job in self.scheduler.drain():  # every server went away with work left
             self._record(job, GAVE_UP, reason)
@@ -762,8 +804,24 @@ class BatchRunner:
             counts[status] = counts.get(status, 0) + 1
         return counts
 
-    def _serve(self, client: ComfyClient) -> None:
-        worker = _ServerWorker(self, client)
+    def _join(self, threads: list[threading.Thread]) -> None:
+        for t in threads:
+            t.join()
+
+    def _stop(self, threads: list[threading.Thread]) -> None:
+        """Ctrl-C: the workers withdraw their in-flight prompts from the servers and stop; the results file
+        is compacted (withdrawn items keep their ``submitted`` record: the next run resolves them)."""
+        self.stopping.set()
+        if not self.display.quiet:
+            print("batch: stopping: withdrawing the queued prompts; run again to resume", file=sys.stderr)
+        deadline = time.monotonic() + self.settings.http_timeout + 1
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.display.close()
+        self.store.compact(item.id for item in self.items)
+
+    def _serve(self, worker: "_ServerWorker") -> None:
+        client = worker.client
         try:
             worker.loop()
         except Exception as exc:  # noqa: BLE001 - a bug must not lose items: hand them back, say why
@@ -788,8 +846,9 @@ class _ServerWorker:
         self.last_poll = 0.0
 
     def loop(self) -> None:
+        stopping = self.runner.stopping
         try:
-            while not self.scheduler.finished():
+            while not self.scheduler.finished() and not stopping.is_set():
                 if self.ws is None and not self._connect():
                     if self._down_too_long():
                         return
@@ -799,6 +858,9 @@ class _ServerWorker:
                     self._wait()
         finally:
             self._disconnect()
+            if stopping.is_set():  # Ctrl-C: take our prompts off the server
+                for prompt_id in list(self.inflight):
+                    self.client.withdraw(prompt_id)
 
     # -- connection -----------------------------------------------------------------------------
     def _connect(self) -> bool:
@@ -847,24 +909,25 @@ class _ServerWorker:
 
     # -- submitting -----------------------------------------------------------------------------
     def _fill(self) -> None:
-        while len(self.inflight) < self.settings.in_flight:
+        while len(self.inflight) < self.settings.in_flight and not self.runner.stopping.is_set():
             job = self.scheduler.take()
             if job is None:
                 return
             job.server, job.started = self.client.url, time.monotonic()
             try:
                 job.prompt_id = self._submit(job)
-            except PromptRejected as exc:
-                self.scheduler.done(job, FAILED, str(exc))
-                continue
-            except InputError as exc:
+            except (PromptRejected, InputError) as exc:
                 self.scheduler.done(job, FAILED, str(exc))
                 continue
             except ServerUnavailable as exc:
                 self.scheduler.retry(job, str(exc))
                 self._lost_connection()
                 return
+            except Exception as exc:  # noqa: BLE001 - a malformed reply (not JSON, a key missing): retry, never lose
+                self.scheduler.retry(job, f"{self.client.url} answered unexpectedly: {_describe(exc)}")
+                continue
             self.inflight[job.prompt_id] = job
+            self.runner._record_submitted(job)
 
     def _submit(self, job: Job) -> str:
         video = Path(job.item.video)
@@ -872,7 +935,11 @@ class _ServerWorker:
             raise InputError(f"video {video} does not exist; fix the manifest row of {job.item.id}")
         name = self.uploaded.get(str(video))
         if name is None:
-            digest = hashlib.sha1(video.read_bytes()).hexdigest()[:16]
+            try:
+                digest = hashlib.sha1(video.read_bytes()).hexdigest()[:16]
+            except OSError as exc:
+                raise InputError(f"video {video} cannot be read ({exc.strerror or exc}); fix the file or the "
+                                 f"manifest row of {job.item.id}") from None
             name = self.client.upload(video, f"vans_batch_{digest}{video.suffix or '.mp4'}")
             self.uploaded[str(video)] = name
         return self.client.queue_prompt(self.runner.template.fill(job.item, name), self.client_id)
@@ -942,7 +1009,9 @@ class _ServerWorker:
 
     # -- collecting -----------------------------------------------------------------------------
     def _collect(self, prompt_id: str, history: dict) -> None:
-        job = self.inflight.pop(prompt_id)
+        job = self.inflight.pop(prompt_id, None)
+        if job is None:  # already settled, e.g. just failed by the --item-timeout check
+            return
         status = history.get("status", {})
         if status.get("status_str") != "success":
             kind, message = execution_message(history)
@@ -955,6 +1024,9 @@ class _ServerWorker:
             caption, think, videos = self._download(job, history.get("outputs", {}))
         except ServerUnavailable as exc:
             self.scheduler.retry(job, f"download failed: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - a malformed history entry or a local write error: retry
+            self.scheduler.retry(job, f"download failed: {_describe(exc)}")
             return
         self.scheduler.done(job, DONE, "", caption=caption, think=think, videos=videos)
 
