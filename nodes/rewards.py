@@ -29,7 +29,7 @@ class VANSFormatReward(io.ComfyNode):
             is_output_node=True,  # shows its result even when nothing is connected after it
             display_name="VANS Format Reward",
             category=CATEGORY,
-            description="1 when the whole response is exactly [Think]…[/Think][Ans]…[/Ans] with a non-empty answer, else 0.",
+            description="1 when the whole response is exactly [Think]…[/Think][Ans]…[/Ans] with both blocks non-empty, else 0.",
             inputs=[_text_input("raw", "The VLM's whole response (the raw output of VANS Next-Event Caption)")],
             outputs=[io.Float.Output(display_name="format", tooltip="1.0 or 0.0")],
         )
