@@ -214,23 +214,13 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, demo_models, demo_datase
         assert torch.equal(v, second[1].trainable_state_dict()[k]), k
 
 
-def test_two_processes_split_the_groups(tmp_path, demo_models, demo_dataset):
-    import os
-    import shutil
-    import subprocess
-    import sys
+def test_two_processes_split_the_groups_with_accelerate_launch(tmp_path, demo_models, demo_dataset):
+    from trainer_fixtures import launch_two_processes
 
-    from trainer_fixtures import REPO
-
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
     out = tmp_path / "ddp"
     args = ["--config", str(CONFIGS / "stage2_tiny.yaml"), *sum((["--set", o] for o in tiny_overrides(
         out, demo_models, demo_dataset, *LEARN, "grpo.group_size=4", "run.steps=2", "run.prompts_per_step=2")), [])]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "trainer.stage2", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    done = launch_two_processes(["-m", "trainer.stage2", *args], timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]

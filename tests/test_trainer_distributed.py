@@ -1,24 +1,22 @@
-"""Data parallel over 2 CPU processes (torchrun + accelerate's gloo process group), generic runner and stage 1."""
+"""Data parallel over 2 CPU processes (gloo), generic runner (torchrun) and stage 1 (accelerate launch)."""
 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from trainer.metrics import read_metrics
 from trainer.runner import reduce_metric_values
-from trainer_fixtures import CONFIGS, REPO, demo_dataset, demo_models, run_toy  # noqa: F401
+from trainer_fixtures import (CONFIGS, REPO, demo_dataset, demo_models,  # noqa: F401
+                              launch_two_processes, run_toy)
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
 
 
 def launch(args, timeout):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return launch_two_processes(args, timeout, launcher="torchrun")
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
@@ -35,10 +33,9 @@ def test_two_processes_split_the_prompts_and_stay_in_sync(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["groups/total"] == 2 for r in rows)
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
-def test_stage1_two_processes(tmp_path, demo_models, demo_dataset):
+def test_stage1_two_processes_with_accelerate_launch(tmp_path, demo_models, demo_dataset):
     out = tmp_path / "s1"
-    done = launch(["-m", "trainer.stage1", "--config", str(CONFIGS / "stage1_tiny.yaml"),
+    done = launch_two_processes(["-m", "trainer.stage1", "--config", str(CONFIGS / "stage1_tiny.yaml"),
                    "--set", f"models_dir={demo_models}", "--set", f"data.path={demo_dataset}",
                    "--set", f"run.out_dir={out}", "--set", "run.steps=2", "--set", "export.merged=false"], timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -107,6 +107,29 @@ class ToyPolicy:
         return {"weights": str(save_state_dict(self.trainable_state_dict(), Path(out_dir) / "toy.safetensors"))}
 
 
+def launch_two_processes(args: list[str], timeout: float, launcher: str = "accelerate"):
+    """Run ``args`` (a script path or ``-m module`` plus its arguments) in 2 CPU processes.
+
+    ``accelerate``: the command users type, ``accelerate launch --multi_gpu --num_processes 2`` (on a machine
+    without GPUs accelerate starts the processes with gloo on the CPU); ``torchrun``: the plain PyTorch launcher.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    found = shutil.which(launcher, path=os.path.dirname(sys.executable)) or shutil.which(launcher)
+    if found is None:
+        pytest.skip(f"{launcher} not installed")
+    if launcher == "accelerate":
+        cmd = [found, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    else:
+        cmd = [found, "--standalone", "--nproc_per_node", "2", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def toy_samples(count: int = 6):
     from trainer.data import Sample
 
