@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -88,9 +87,5 @@ def comfyui(comfyui_dir, tiny_models):
 def server(comfyui_dir, tiny_models, tmp_path_factory):
     from server_harness import ComfyServer
 
-    srv = ComfyServer(comfyui_dir, PACK_ROOT, tiny_models, tmp_path_factory.mktemp("comfy_server"))
-    srv.start()
-    try:
+    with ComfyServer(comfyui_dir, PACK_ROOT, tiny_models, tmp_path_factory.mktemp("comfy_server")) as srv:
         yield srv
-    finally:
-        srv.stop()

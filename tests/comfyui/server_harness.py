@@ -93,6 +93,13 @@ class ComfyServer:
             self._log_file.close()
             self._log_file = None
 
+    def __enter__(self) -> "ComfyServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 

@@ -146,12 +146,8 @@ def second_server(comfyui_dir, tiny_models, tmp_path_factory):
     from conftest import PACK_ROOT
     from server_harness import ComfyServer
 
-    srv = ComfyServer(comfyui_dir, PACK_ROOT, tiny_models, tmp_path_factory.mktemp("comfy_server_2"))
-    srv.start()
-    try:
+    with ComfyServer(comfyui_dir, PACK_ROOT, tiny_models, tmp_path_factory.mktemp("comfy_server_2")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_items_spread_over_two_servers(server, second_server, manifest, tmp_path):
