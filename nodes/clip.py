@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
+from ..vans.clip import ARCH_CHOICES
 from ..vans.errors import ModelFileError
 from .batching import format_scores, split_videos
 from .display import HIDDEN, output_with_text
@@ -34,7 +35,7 @@ def clip_choices() -> list[str]:
     return list_files(REWARD_FOLDER_KEY, CLIP_SUFFIXES)
 
 
-def load_clip_model(clip_name: str, allow_pickle: bool) -> ClipHandle:
+def load_clip_model(clip_name: str, allow_pickle: bool, arch: str = "auto") -> ClipHandle:
     import comfy.model_management as mm
 
     from ..vans.clip import load_clip
@@ -42,11 +43,11 @@ def load_clip_model(clip_name: str, allow_pickle: bool) -> ClipHandle:
     path = resolve_file(REWARD_FOLDER_KEY, clip_name)
     if path is None:
         raise ModelFileError(
-            f"clip_name: '{clip_name}' not found in models/{REWARD_FOLDER_KEY}; put open_clip_ViT-B-32.safetensors "
-            f"(open_clip ViT-B/32) in ComfyUI/models/{REWARD_FOLDER_KEY}/ and refresh"
+            f"clip_name: '{clip_name}' not found in models/{REWARD_FOLDER_KEY}; put clip_vit_b32_openai.safetensors "
+            f"(OpenAI's ViT-B/32, open_clip layout) in ComfyUI/models/{REWARD_FOLDER_KEY}/ and refresh"
         )
     with model_file_errors(f"clip_name '{clip_name}'"), engine_call():
-        scorer = load_clip(path, device=mm.unet_offload_device(), allow_pickle=allow_pickle)
+        scorer = load_clip(path, arch=arch, device=mm.unet_offload_device(), allow_pickle=allow_pickle)
     return ClipHandle(scorer=scorer, patcher=manage(scorer.model), name=clip_name)
 
 
@@ -72,10 +73,15 @@ class VANSLoadCLIP(io.ComfyNode):
             description="Load the open_clip ViT-B/32 model used for the CLIP-V and CLIP-T rewards.",
             inputs=[
                 io.Combo.Input("clip_name", options=clip_choices(), tooltip=(
-                    "open_clip ViT-B/32 weights in ComfyUI/models/reward_models/ (e.g. open_clip_model.safetensors "
-                    "from laion/CLIP-ViT-B-32-laion2B-s34B-b79K)")),
+                    "open_clip ViT-B/32 weights in ComfyUI/models/reward_models/: the paper's is OpenAI's "
+                    "(open_clip_model.safetensors of timm/vit_base_patch32_clip_224.openai, saved as "
+                    "clip_vit_b32_openai.safetensors)")),
                 io.Boolean.Input("allow_pickle", default=False, tooltip=(
                     "Also load .bin/.pt pickle files, which can run code when loaded; only for files you trust")),
+                io.Combo.Input("arch", options=list(ARCH_CHOICES), default="auto", tooltip=(
+                    "Activation, which the weights cannot tell: ViT-B-32-quickgelu for OpenAI weights (the paper's), "
+                    "ViT-B-32 for LAION weights; auto reads open_clip_config.json beside the file, then the file "
+                    "name (openai / laion), else assumes OpenAI and logs it")),
             ],
             outputs=[VansCLIP.Output(display_name="clip", tooltip="For VANS CLIP-V Score and VANS CLIP-T Score")],
         )
@@ -85,8 +91,8 @@ class VANSLoadCLIP(io.ComfyNode):
         return check_choice("clip_name", clip_name, clip_choices())
 
     @classmethod
-    def execute(cls, clip_name, allow_pickle) -> io.NodeOutput:
-        return io.NodeOutput(load_clip_model(clip_name, allow_pickle))
+    def execute(cls, clip_name, allow_pickle, arch="auto") -> io.NodeOutput:
+        return io.NodeOutput(load_clip_model(clip_name, allow_pickle, arch))
 
 
 def _candidates_input():

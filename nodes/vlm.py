@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
+from ..vans.captioner import DECODING_MODES as DECODING_CHOICES
 from ..vans.errors import InputError, ModelFileError
+from ..vans.prompts import SYSTEM_PROMPTS
 from .display import HIDDEN, output_with_text
 from .frames import MIN_VLM_FRAMES, pick_vlm_frames
 from .host import (NONE_CHOICE, VLM_FOLDER_KEY, check_choice, engine_call, list_files, list_model_dirs,
@@ -27,6 +29,7 @@ DEFAULT_MIN_PIXELS = 128 * PIXELS_PER_TOKEN
 DEFAULT_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
 MAX_PIXELS = 16384 * PIXELS_PER_TOKEN
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+SYSTEM_PROMPT_CHOICES = tuple(SYSTEM_PROMPTS)
 # model-weight shards of a Hugging Face folder are not VANS checkpoints
 _SHARD_PREFIXES = ("model.safetensors", "model-0", "diffusion_pytorch_model")
 
@@ -142,23 +145,29 @@ def check_caption_settings(num_frames=None, min_pixels=None, max_pixels=None) ->
 
 
 def caption(vlm: VlmHandle, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
-            temperature, top_p, max_new_tokens, answers, seed, offload_after) -> list[tuple[str, str, str]]:
+            temperature, top_p, max_new_tokens, answers, seed, offload_after, system_prompt="official",
+            decoding="official") -> list[tuple[str, str, str]]:
     """(caption, think, raw) per answer. The VLM is placed by ComfyUI for the call and offloaded after
-    it when asked, also when the call fails or is cancelled."""
+    it when asked, also when the call fails or is cancelled. Several answers in "official" decoding are
+    one caption per seed (seed, seed + 1, …); in "policy" decoding one batched group draw."""
+    from ..vans.prompts import system_prompt_text
+
+    prompt_text = system_prompt_text(system_prompt)
     with engine_call():  # decoding reports progress and stops on Cancel too
         clip = pick_vlm_frames(frames, fps, video, num_frames, sample_fps)
     captioner = vlm.captioner
     captioner.device = load_to_device(vlm.patcher)
-    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                    num_frames=clip.shape[0], min_pixels=min_pixels, max_pixels=max_pixels)
+    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    num_frames=clip.shape[0], min_pixels=min_pixels, max_pixels=max_pixels, system_prompt=prompt_text)
     try:
         with engine_call():
-            if answers == 1:
-                result = captioner.caption(clip, question, **settings)
-                if not result.caption.strip():
+            if answers == 1 or decoding == "official":
+                results = [captioner.caption(clip, question, seed=(seed + i) % (MAX_SEED + 1), decoding=decoding, **settings)
+                           for i in range(answers)]
+                if not any(r.caption.strip() for r in results):
                     raise InputError("the VLM wrote an empty caption; try another seed or rephrase the question")
-                return [(result.caption, result.think, result.raw)]
-            group = captioner.sample_group(clip, question, group_size=answers, **settings)
+                return [(r.caption, r.think, r.raw) for r in results]
+            group = captioner.sample_group(clip, question, group_size=answers, seed=seed, **settings)
             return [(r.caption, r.think, r.raw) for r in group.responses]
     finally:
         if offload_after:
@@ -200,7 +209,8 @@ class VANSNextEventCaption(io.ComfyNode):
                              step=PIXELS_PER_TOKEN, tooltip=(
                                  "Largest frame area the VLM reads, in pixels (VANS: 768·28·28); lower it to save VRAM")),
                 io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.01, tooltip=(
-                    "Sampling temperature (VANS: 0.7); 0 = greedy, one fixed answer")),
+                    "Sampling temperature (VANS: 0.7); 0 = greedy, one fixed answer. With decoding 'official' the "
+                    "model folder's generation_config.json also applies (a release-era Qwen2.5-VL file sets top_k 1: greedy)")),
                 io.Float.Input("top_p", default=0.9, min=0.01, max=1.0, step=0.01, tooltip="Nucleus sampling mass (VANS: 0.9)"),
                 io.Int.Input("max_new_tokens", default=1024, min=1, max=8192, tooltip=(
                     "Longest answer in tokens, reasoning included (VANS: 1024)")),
@@ -211,6 +221,13 @@ class VANSNextEventCaption(io.ComfyNode):
                     "Random seed; the same seed and inputs give the same caption")),
                 io.Boolean.Input("offload", default=True, tooltip=(
                     "Move the VLM off the GPU when done, leaving VRAM to the video model")),
+                io.Combo.Input("system_prompt", options=list(SYSTEM_PROMPT_CHOICES), default="official", tooltip=(
+                    "official: the official code's wording, which the released VANS weights were trained with; "
+                    "paper: the paper's App. C.2 wording ('your detailed description')")),
+                io.Combo.Input("decoding", options=list(DECODING_CHOICES), default="official", tooltip=(
+                    "official: the authors' inference (the model folder's generation_config.json with temperature "
+                    "and top_p set, e.g. its repetition penalty 1.05; greedy when the file sets top_k 1); policy: plain "
+                    "temperature + top-p sampling, as in GRPO training, for diverse answers")),
             ],
             outputs=[
                 io.String.Output(display_name="caption", is_output_list=True,
@@ -227,9 +244,10 @@ class VANSNextEventCaption(io.ComfyNode):
 
     @classmethod
     def execute(cls, vlm, question, fps, num_frames, sample_fps, min_pixels, max_pixels, temperature, top_p,
-                max_new_tokens, answers, seed, offload, frames=None, video=None) -> io.NodeOutput:
+                max_new_tokens, answers, seed, offload, frames=None, video=None, system_prompt="official",
+                decoding="official") -> io.NodeOutput:
         results = caption(vlm, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
-                          temperature, top_p, max_new_tokens, answers, seed, offload)
+                          temperature, top_p, max_new_tokens, answers, seed, offload, system_prompt, decoding)
         captions, thinks, raws = (list(column) for column in zip(*results))
         shown = "\n\n".join(captions) if len(captions) == 1 else "\n\n".join(f"#{i}: {c}" for i, c in enumerate(captions))
         return output_with_text(cls, shown, captions, thinks, raws)

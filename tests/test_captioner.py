@@ -163,10 +163,10 @@ def test_caption_is_reproducible_per_seed_and_leaves_rng_alone(captioner, frames
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    first = captioner.caption(frames, QUESTION, max_new_tokens=12, seed=0, **SMALL)
+    first = captioner.caption(frames, QUESTION, max_new_tokens=12, seed=0, decoding="policy", **SMALL)
     torch.testing.assert_close(torch.rand(3), expected_next)  # caller's RNG stream untouched
-    again = captioner.caption(frames, QUESTION, max_new_tokens=12, seed=0, **SMALL)
-    other = captioner.caption(frames, QUESTION, max_new_tokens=12, seed=1, **SMALL)
+    again = captioner.caption(frames, QUESTION, max_new_tokens=12, seed=0, decoding="policy", **SMALL)
+    other = captioner.caption(frames, QUESTION, max_new_tokens=12, seed=1, decoding="policy", **SMALL)
     assert first.raw == again.raw
     assert first.raw != other.raw
     assert 1 <= first.num_tokens <= 12 and first.seconds > 0
@@ -174,10 +174,54 @@ def test_caption_is_reproducible_per_seed_and_leaves_rng_alone(captioner, frames
 
 
 def test_tiny_top_p_is_greedy(captioner, frames):
-    greedy = captioner.caption(frames, QUESTION, max_new_tokens=8, temperature=0, **SMALL)
+    greedy = captioner.caption(frames, QUESTION, max_new_tokens=8, temperature=0, decoding="policy", **SMALL)
     for seed in (0, 1):
-        nucleus = captioner.caption(frames, QUESTION, max_new_tokens=8, top_p=1e-6, seed=seed, **SMALL)
+        nucleus = captioner.caption(frames, QUESTION, max_new_tokens=8, top_p=1e-6, seed=seed, decoding="policy",
+                                    **SMALL)
         assert nucleus.raw == greedy.raw
+
+
+@pytest.mark.parametrize("copy", ["hub", "release_era"])
+def test_official_decoding_equals_the_official_generate_call(tmp_path, frames, copy):
+    """The official inference calls generate(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=N) on a
+    model loaded with from_pretrained, so transformers merges those four into the folder's generation_config.json
+    and fills the rest with its defaults. Both copies of the Qwen2.5-VL-3B-Instruct file: today's (repetition
+    penalty 1.05, top-k left to the default 50) and the release-era one (top-k 1: greedy). Reference: exactly that
+    call on an independently loaded model, same prompt tensors, same seed."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vans.fixtures.qwen import HUB_SAMPLING_FIELDS, RELEASE_ERA_SAMPLING_FIELDS
+
+    fields = HUB_SAMPLING_FIELDS if copy == "hub" else RELEASE_ERA_SAMPLING_FIELDS
+    folder = write_tiny_qwen_vl(tmp_path / "qwen", sampling=fields)
+    captioner = load_captioner(folder, device="cpu")
+    reference_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, local_files_only=True,
+                                                                         dtype=torch.float32).eval()
+    assert reference_model.generation_config.repetition_penalty == 1.05
+    prompt = captioner.prepare(frames, QUESTION, **SMALL)
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            expected = reference_model.generate(**prompt.tensors, max_new_tokens=16, do_sample=True, temperature=0.7,
+                                                top_p=0.9)[:, prompt.length:]
+        ours, logprobs = captioner._generate(prompt, num_sequences=1, temperature=0.7, top_p=0.9, max_new_tokens=16,
+                                             seed=seed, desc="test", decoding="official")
+        assert logprobs is None
+        n = min(expected.shape[1], ours.shape[1])
+        assert n > 0 and torch.equal(ours[:, :n], expected[:, :n])
+    official = {captioner.caption(frames, QUESTION, max_new_tokens=12, seed=s, **SMALL).raw for s in (0, 1, 2)}
+    policy = {captioner.caption(frames, QUESTION, max_new_tokens=12, seed=s, decoding="policy", **SMALL).raw
+              for s in (0, 1, 2)}
+    assert len(policy) > 1
+    summary = captioner.decoding_summary("official", 0.7, 0.9)
+    assert (summary["repetition_penalty"], summary["temperature"], summary["top_p"]) == (1.05, 0.7, 0.9)
+    if copy == "release_era":  # top-k 1: the official captions do not depend on the seed
+        assert len(official) == 1 and summary["top_k"] == 1 and summary["deterministic"]
+    else:
+        assert len(official) > 1 and summary["top_k"] == 50 and not summary["deterministic"]
+    assert not captioner.is_deterministic("policy", 0.7)
+    with pytest.raises(InputError, match="decoding='beam'"):
+        captioner.caption(frames, QUESTION, decoding="beam", **SMALL)
 
 
 def test_progress_ticks_once_per_token_and_cancel_stops(captioner, frames):

@@ -17,8 +17,10 @@ from vans.clip import (
     clip_t_from_features,
     clip_v_from_features,
     clipscore,
+    PAPER_ARCH,
     even_spread_indices,
     load_clip,
+    resolve_clip_arch,
 )
 from vans.errors import Cancelled, InputError, ModelFileError
 from vans.fixtures.clip import TINY_CLIP, tiny_clip_state_dict, write_tiny_clip
@@ -36,7 +38,8 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(clip_dir):
-    return load_clip(clip_dir / "open_clip_model.safetensors")
+    # GELU, like the open_clip reference config of test_features_match_open_clip_own_loader_and_transform
+    return load_clip(clip_dir / "open_clip_model.safetensors", arch="ViT-B-32")
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +133,7 @@ def test_different_seed_gives_different_features(tmp_path, scorer):
 
 def test_refuses_unrelated_safetensors(tmp_path):
     path = save_state_dict({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, tmp_path / "wan.safetensors")
-    with pytest.raises(ModelFileError, match="not a CLIP model.*open_clip.*laion"):
+    with pytest.raises(ModelFileError, match="not a CLIP model.*open_clip.*openai"):
         load_clip(path)
 
 
@@ -160,7 +163,7 @@ def test_pickle_refused_unless_opted_in(tmp_path, scorer):
     with pytest.raises(ModelFileError, match="pickle"):
         load_clip(path)
     frames = video(2)
-    assert torch.allclose(load_clip(path, allow_pickle=True).image_features(frames), scorer.image_features(frames))
+    assert torch.allclose(load_clip(path, allow_pickle=True, arch="ViT-B-32").image_features(frames), scorer.image_features(frames))
 
 
 def test_torchscript_refused_even_with_pickles_allowed(tmp_path):
@@ -294,3 +297,50 @@ def test_progress_per_batch_and_cancel(scorer):
 
     with use_cancel_check(lambda: True), pytest.raises(Cancelled):
         scorer.image_features(video(5), batch_size=2)
+
+
+# -- architecture: QuickGELU (OpenAI, the paper's) vs GELU (LAION) ------------------------------------
+
+
+def test_arch_auto_reads_config_then_name_then_logs_the_paper_default(tmp_path, caplog):
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    assert resolve_clip_arch(folder / "open_clip_model.safetensors") == ("ViT-B-32-quickgelu", "open_clip_config.json")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 512}}))
+    assert resolve_clip_arch(folder / "open_clip_model.safetensors")[0] == "ViT-B-32"
+    assert resolve_clip_arch(tmp_path / "clip_vit_b32_openai.safetensors")[0] == "ViT-B-32-quickgelu"
+    assert resolve_clip_arch(tmp_path / "laion_b32.safetensors")[0] == "ViT-B-32"
+    assert resolve_clip_arch(tmp_path / "x.safetensors", "ViT-B-32") == ("ViT-B-32", "explicit")
+    with caplog.at_level("WARNING", logger="vans"):
+        assert resolve_clip_arch(tmp_path / "reward.safetensors") == (PAPER_ARCH, "default (the paper's OpenAI CLIP)")
+    assert "cannot be told from its tensors" in caplog.text and "ViT-B-32" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def openai_b32(tmp_path_factory):
+    """open_clip's own real-size ViT-B-32-quickgelu with random weights, saved under the paper's file name."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    path = tmp_path_factory.mktemp("openai") / "clip_vit_b32_openai.safetensors"
+    save_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model, path
+
+
+def test_openai_weights_load_as_quickgelu_and_match_open_clip_own_model(openai_b32):
+    model, path = openai_b32
+    ours = load_clip(path)  # auto: the file name says openai
+    assert (ours.arch, ours.model.visual.transformer.resblocks[0].mlp.gelu.__class__.__name__) == \
+        ("ViT-B-32-quickgelu", "QuickGELU")
+    frames = video(3, height=224, width=224)
+    pixels = ours.preprocess(frames)
+    with torch.no_grad():
+        reference = model.encode_image(pixels, normalize=True)
+        text_ref = model.encode_text(open_clip.get_tokenizer("ViT-B-32-quickgelu")(["a hand pours sauce"]),
+                                     normalize=True)
+    # Same weights, same input, same float32 modules: equal up to float32 summation order.
+    assert torch.allclose(ours.image_features(frames), reference, atol=1e-5)
+    assert torch.allclose(ours.text_features(["a hand pours sauce"]), text_ref, atol=1e-5)
+    # The same file read as GELU (the old default) gives other features, with no error: why arch matters.
+    gelu = load_clip(path, arch="ViT-B-32")
+    assert (gelu.image_features(frames) - reference).abs().max() > 1e-3

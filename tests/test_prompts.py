@@ -2,25 +2,33 @@ import pytest
 
 from vans.errors import InputError
 from vans.prompts import (
-    CODE_SYSTEM_PROMPT,
     MAX_QUESTION_CHARS,
+    OFFICIAL_SYSTEM_PROMPT,
+    PAPER_SYSTEM_PROMPT,
     SYSTEM_PROMPT,
     build_messages,
     is_well_formed,
     parse_response,
+    system_prompt_text,
     validate_question,
 )
 
 
-def test_system_prompt_is_the_paper_text():
-    assert SYSTEM_PROMPT == (
+def test_default_system_prompt_is_the_official_code_text():
+    # KlingAIResearch/VANS vans/models_mllm/agent_mllm.py, MLLMAgentConfig.system_prompt (SFT and inference)
+    assert SYSTEM_PROMPT == OFFICIAL_SYSTEM_PROMPT == system_prompt_text("official") == (
+        "You will be given a video. Your task is to predict the next event based on the input video and the "
+        "user's instructions. Please begin by providing your detailed reasoning between the [Think][/Think] tags, "
+        "followed by your description of the next event within the [Ans][/Ans] tags."
+    )
+    # The paper's App. C.2 wording adds a second "detailed"; selectable by name.
+    assert system_prompt_text("paper") == PAPER_SYSTEM_PROMPT == (
         "You will be given a video. Your task is to predict the next event based on the input video and the "
         "user's instructions. Please begin by providing your detailed reasoning between the [Think][/Think] tags, "
         "followed by your detailed description of the next event within the [Ans][/Ans] tags."
     )
-    # The official code's default drops only the second "detailed".
-    assert CODE_SYSTEM_PROMPT == SYSTEM_PROMPT.replace("your detailed description", "your description")
-    assert CODE_SYSTEM_PROMPT != SYSTEM_PROMPT
+    with pytest.raises(InputError, match="official, paper"):
+        system_prompt_text("detailed")
 
 
 def test_parse_well_formed_response():
@@ -112,8 +120,8 @@ def test_build_messages_layout():
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[0]["content"] == [{"type": "text", "text": SYSTEM_PROMPT}]
     assert messages[1]["content"] == [{"type": "video"}, {"type": "text", "text": "What will happen next?"}]
-    custom = build_messages("q", system_prompt=CODE_SYSTEM_PROMPT)
-    assert custom[0]["content"][0]["text"] == CODE_SYSTEM_PROMPT
+    custom = build_messages("q", system_prompt=PAPER_SYSTEM_PROMPT)
+    assert custom[0]["content"][0]["text"] == PAPER_SYSTEM_PROMPT
 
 
 def test_build_messages_validates():

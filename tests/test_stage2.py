@@ -61,8 +61,35 @@ def test_tiny_run_logs_every_term_and_the_first_ratio_is_one(trained):
         assert row["reward/total_mean"] == pytest.approx(row["reward/clip_v_mean"] + row["reward/clip_t_mean"])
         assert row["reward/total_mean"] > 0.05
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the policy left the reference after the first update
-    # random tiny VLM: its captions never reach ROUGE-L 0.6, so every anchor fell back to the GT caption
+    # random tiny VLM: its captions never reach ROUGE-L 0.6, so with the tiny config's on_miss=gt every
+    # anchor fell back to the GT caption after max_tries sampled draws
     assert rows[0]["count/anchor_fallbacks"] == 2 and rows[0]["count/anchor_vlm_calls"] == 2 * cfg.anchor.max_tries
+    assert rows[0]["anchor/gt_rate"] == 1.0 and rows[0]["anchor/skip_rate"] == 0.0
+
+
+def test_anchor_misses_skip_the_sample_by_default_never_substituting_gt(tmp_path, demo_models, demo_dataset, caplog):
+    """The paper keeps only anchors with ROUGE-L >= 0.6: a sample whose draws all miss trains nothing."""
+    cfg, policy, runtime = make(tmp_path / "run", demo_models, demo_dataset, "run.steps=1", "anchor.on_miss=skip",
+                                "anchor.max_tries=3")
+    with caplog.at_level("INFO", logger="vans.trainer"):
+        train(cfg, policy, runtime)
+    row = read_metrics(cfg.run.out_dir)[0]
+    assert row["count/anchor_skipped"] == 2 and row["count/anchor_fallbacks"] == 0
+    assert row["count/groups"] == 0 and row["count/trained_steps"] == 0
+    assert row["count/anchor_vlm_calls"] == 2 * 3  # policy decoding: three different draws per sample
+    assert row["anchor/skip_rate"] == 1.0
+    assert "anchor/skip_rate 1" in caplog.text  # a headline of the step log line
+
+
+def test_deterministic_official_anchor_decoding_draws_once(tmp_path, demo_models, demo_dataset):
+    """With the official decoding a folder config with top_k 1 (the release-era Qwen2.5-VL-3B-Instruct file) makes
+    every draw the same caption: one draw per sample, not max_tries identical ones."""
+    cfg, policy, runtime = make(tmp_path / "run", demo_models, demo_dataset, "run.steps=1", "anchor.on_miss=skip",
+                                "anchor.max_tries=3", "anchor.decoding=official")
+    policy._load_captioner().release_generation_config.top_k = 1
+    train(cfg, policy, runtime)
+    row = read_metrics(cfg.run.out_dir)[0]
+    assert row["count/anchor_vlm_calls"] == 2 and row["count/anchor_skipped"] == 2
 
 
 def test_tiny_run_writes_checkpoints_and_comfyui_exports(trained):
@@ -95,6 +122,9 @@ def test_anchor_is_redrawn_until_rouge_passes(trained, demo_dataset):
         def offload(self):
             return self
 
+        def is_deterministic(self, decoding, temperature):
+            return False
+
     policy._captioner, policy._anchors = Captioner(), {}
     policy.cfg.anchor.max_tries = 4
     anchor, tries, fallback = policy._anchor(sample, seed=0)
@@ -103,7 +133,11 @@ def test_anchor_is_redrawn_until_rouge_passes(trained, demo_dataset):
     policy._anchors = {}
     policy.cfg.anchor.max_tries = 2
     Captioner.calls = -10
-    assert policy._anchor(sample, seed=0) == (sample.caption, 2, True)  # bounded tries, then the GT caption
+    policy.cfg.anchor.on_miss = "gt"
+    assert policy._anchor(sample, seed=0) == (sample.caption, 2, True)  # bounded tries, then the GT caption if asked
+    policy._anchors, Captioner.calls = {}, -10
+    policy.cfg.anchor.on_miss = "skip"
+    assert policy._anchor(sample, seed=0) == (None, 2, False)  # by default: no anchor, the sample is skipped
 
 
 def test_zero_spread_group_gives_no_gradient(tmp_path, demo_models, demo_dataset):

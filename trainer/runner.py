@@ -413,7 +413,7 @@ def _save(policy, optimizer, scheduler, ckpt_dir: Path, step: int, order: DataOr
 
 
 def _summary(metrics: dict) -> str:
-    keys = [k for k in metrics if k.startswith("reward/")] + ["kl", "clip_frac", "grad_norm", "time/step_s"]
+    keys = [k for k in metrics if k.startswith(("reward/", "anchor/"))] + ["kl", "clip_frac", "grad_norm", "time/step_s"]
     parts = []
     for key in keys:
         value = metrics.get(key)

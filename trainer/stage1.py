@@ -81,6 +81,8 @@ class RolloutSection:
     min_pixels: int = doc(128 * 28 * 28, "smallest frame area for the VLM")
     max_pixels: int = doc(768 * 28 * 28, "largest frame area for the VLM")
     include_eos: bool = doc(True, "the end token is an action (the policy learns where to stop)")
+    system_prompt: str = doc("official", "VLM system prompt: official (the official code's wording, which the "
+                                         "released weights were trained with) or paper (the paper's App. C.2 wording)")
 
 
 @dataclass
@@ -103,6 +105,9 @@ class RewardSection:
     rouge_l_weight: float = doc(1.0, "weight of the normalised ROUGE-L term (VANS: 1)")
     clip_v_weight: float = doc(1.0, "weight of the normalised CLIP-V term (VANS: 1); 0 skips rendering")
     eps: float = doc(1e-4, "added to the group std when normalising")
+    clip_arch: str = doc("auto", "activation of the reward CLIP file: ViT-B-32-quickgelu (OpenAI, the paper's), "
+                                 "ViT-B-32 (LAION), or auto (open_clip_config.json beside the file, else the file "
+                                 "name, else OpenAI with a warning)")
 
 
 @dataclass
@@ -177,7 +182,7 @@ class Stage1Policy:
         self.captioner.to(runtime.device)
         for module in (self.generator.dit, self.generator.text_encoder, self.generator.vae):
             module.requires_grad_(False)
-        self.clip = load_clip(paths.clip, device=runtime.device)
+        self.clip = load_clip(paths.clip, arch=cfg.reward.clip_arch, device=runtime.device)
         torch.manual_seed(cfg.run.seed)  # the same adapter init on every process
         add_lora(self.captioner.model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha,
                  dropout=cfg.lora.dropout, exclude=cfg.lora.exclude, dtype=torch.float32)
@@ -254,6 +259,7 @@ class Stage1Policy:
     # -- rollout ----------------------------------------------------------------------------------------
 
     def _sample_group(self, sample: Sample):
+        from vans.prompts import system_prompt_text
         from vans.video import read_video
 
         r = self.cfg.rollout
@@ -261,7 +267,7 @@ class Stage1Policy:
         return self.captioner.sample_group(
             clip.frames, sample.question, r.group_size, temperature=r.temperature, top_p=r.top_p,
             max_new_tokens=r.max_new_tokens, seed=None, num_frames=r.vlm_frames, min_pixels=r.min_pixels,
-            max_pixels=r.max_pixels, include_eos=r.include_eos)
+            max_pixels=r.max_pixels, include_eos=r.include_eos, system_prompt=system_prompt_text(r.system_prompt))
 
     @torch.no_grad()
     def render(self, sample: Sample, captions: list[str], step: int, index: int) -> list[torch.Tensor]:

@@ -101,8 +101,17 @@ class GrpoSection:
 class AnchorSection:
     source: str = doc("vlm", "vlm (the frozen stage-1 VLM writes the anchor caption) or gt (use the "
                              "ground-truth caption; no VLM is loaded)")
-    min_rouge: float = doc(0.6, "accept a VLM caption once its ROUGE-L against the GT caption reaches this")
-    max_tries: int = doc(4, "VLM captions drawn per sample before falling back to the GT caption")
+    min_rouge: float = doc(0.6, "accept a VLM caption once its ROUGE-L against the GT caption reaches this "
+                                "(VANS: discard and resample below 0.6)")
+    max_tries: int = doc(4, "VLM captions drawn per sample before the sample counts as a miss (one draw when "
+                            "the decoding is deterministic: more draws would repeat it)")
+    on_miss: str = doc("skip", "what a sample whose anchors all miss min_rouge does: skip (no rollouts this "
+                               "visit; the paper keeps only anchors >= min_rouge) or gt (train on the GT caption)")
+    decoding: str = doc("official", "official (the authors' inference: the VLM folder's generation config with "
+                                    "temperature/top_p set; greedy when that file sets top_k 1) or policy (plain "
+                                    "temperature + top-p sampling, which makes resampling meaningful)")
+    system_prompt: str = doc("official", "VLM system prompt: official (the official code's wording, the released "
+                                         "weights') or paper (the paper's App. C.2 wording)")
     temperature: float = doc(0.7, "VLM sampling temperature (VANS inference 0.7)")
     top_p: float = doc(0.9, "VLM nucleus sampling top_p")
     max_new_tokens: int = doc(512, "VLM token budget (thinking + answer)")
@@ -115,7 +124,9 @@ class AnchorSection:
 class RewardSection:
     kind: str = doc("clip", "clip: r2 = norm(CLIP-V vs GT video) + norm(CLIP-T vs anchor) (VANS); brightness: "
                             "mean pixel value of the rollout video (a sanity check that the loop learns)")
-    clip_arch: str = doc("ViT-B-32", "open_clip architecture name of the reward CLIP file")
+    clip_arch: str = doc("auto", "activation of the reward CLIP file: ViT-B-32-quickgelu (OpenAI, the paper's), "
+                                 "ViT-B-32 (LAION), or auto (open_clip_config.json beside the file, else the file "
+                                 "name, else OpenAI with a warning)")
     clip_batch: int = doc(64, "frames per CLIP forward")
 
 
@@ -154,6 +165,13 @@ class Stage2Config:
             raise InputError(f"grpo.noise_level={self.grpo.noise_level}: Flow-GRPO needs an SDE (e.g. 0.7)")
         if self.anchor.source not in ("vlm", "gt"):
             raise InputError(f"anchor.source={self.anchor.source!r}: use vlm or gt")
+        if self.anchor.on_miss not in ("skip", "gt"):
+            raise InputError(f"anchor.on_miss={self.anchor.on_miss!r}: use skip or gt")
+        if self.anchor.decoding not in ("official", "policy"):
+            raise InputError(f"anchor.decoding={self.anchor.decoding!r}: use official or policy")
+        from vans.prompts import system_prompt_text
+
+        system_prompt_text(self.anchor.system_prompt)
         if self.reward.kind not in ("clip", "brightness"):
             raise InputError(f"reward.kind={self.reward.kind!r}: use clip or brightness")
         if len(self.grpo.window) != 2:
@@ -180,7 +198,7 @@ class _Prompt:
     """What one sample needs for its G rollouts, all computed once per visit (most of it cached)."""
 
     sample: object
-    anchor: str
+    anchor: str | None  # None: every VLM draw missed min_rouge and on_miss=skip
     anchor_tries: int
     anchor_fallback: bool
     context: torch.Tensor  # [1, C, n, h, w] clean context latents on the device
@@ -298,13 +316,17 @@ class Stage2Policy:
         cfg, G = self.cfg, self.cfg.grpo.group_size
         totals: dict[str, list[float]] = {}
         counts = {"groups": 0, "zero_spread_groups": 0, "skipped_groups": 0, "anchor_fallbacks": 0,
-                  "anchor_vlm_calls": 0, "trained_steps": 0}
+                  "anchor_skipped": 0, "anchor_vlm_calls": 0, "trained_steps": 0, "samples": 0}
         for index, sample in enumerate(samples):
             seed = _seed(cfg.run.seed, step, self.rank, index)
+            counts["samples"] += 1
             with timer("prepare"):
                 prompt = self._prepare(sample, seed, timer)
-            counts["anchor_fallbacks"] += int(prompt.anchor_fallback)
             counts["anchor_vlm_calls"] += prompt.anchor_tries
+            if prompt.anchor is None:
+                counts["anchor_skipped"] += 1
+                continue
+            counts["anchor_fallbacks"] += int(prompt.anchor_fallback)
             plan = flow_grpo.plan_steps(self.settings.steps, cfg.grpo.step_selection,
                                         fraction=cfg.grpo.train_fraction, window=tuple(cfg.grpo.window),
                                         window_size=cfg.grpo.window_size,
@@ -348,6 +370,8 @@ class Stage2Policy:
 
     def _prepare(self, sample, seed: int, timer: _Timer) -> _Prompt:
         anchor, tries, fallback = self._anchor(sample, seed)
+        if anchor is None:
+            return _Prompt(sample, None, tries, False, None, None, None)
         context = self._context(sample)
         texts = [anchor] + ([self.settings.negative_prompt] if self.settings.guidance != 1.0 else [])
         missing = any(self.generator.cached_text(t) is None for t in texts)
@@ -358,14 +382,20 @@ class Stage2Policy:
         gt = self._gt_features(sample) if self.cfg.reward.kind == "clip" else None
         return _Prompt(sample, anchor, tries, fallback, context, cond, gt)
 
-    def _anchor(self, sample, seed: int) -> tuple[str, int, bool]:
-        """(caption, VLM draws, fell back to GT). See ``AnchorSection``."""
+    def _anchor(self, sample, seed: int) -> tuple[str | None, int, bool]:
+        """(caption or None for a miss, VLM draws this visit, GT used instead). See ``AnchorSection``.
+
+        The VANS rule (paper Sec. 4.3): draw an anchor caption from the frozen stage-1 VLM and keep it only
+        when its ROUGE-L against the GT caption is at least ``min_rouge``; otherwise discard and draw again,
+        here at most ``max_tries`` times. A sample without an accepted anchor is skipped (``on_miss=skip``);
+        the GT caption replaces it only when asked (``on_miss=gt``)."""
         a = self.cfg.anchor
         if a.source == "gt":
             return sample.caption, 0, False
         if a.reuse and sample.id in self._anchors:
             caption, _, fallback = self._anchors[sample.id]
             return caption, 0, fallback
+        from vans.prompts import system_prompt_text
         from vans.rewards import rouge_l
         from vans.video import read_video
 
@@ -373,11 +403,13 @@ class Stage2Policy:
             seed = zlib.crc32(f"{self.cfg.run.seed}:{sample.id}".encode())
         captioner = self._load_captioner()
         frames = read_video(sample.video, num_frames=a.num_frames, min_frames=a.num_frames, what="input video").frames
-        result = (sample.caption, a.max_tries, True)
-        for attempt in range(a.max_tries):
+        tries = 1 if captioner.is_deterministic(a.decoding, a.temperature) else a.max_tries
+        miss = (sample.caption, True) if a.on_miss == "gt" else (None, False)
+        result = (*miss[:1], tries, miss[1])
+        for attempt in range(tries):
             text = captioner.caption(frames, sample.question, temperature=a.temperature, top_p=a.top_p,
-                                     max_new_tokens=a.max_new_tokens, seed=seed + attempt,
-                                     num_frames=a.num_frames).caption
+                                     max_new_tokens=a.max_new_tokens, seed=seed + attempt, num_frames=a.num_frames,
+                                     system_prompt=system_prompt_text(a.system_prompt), decoding=a.decoding).caption
             if text.strip() and rouge_l(text, sample.caption) >= a.min_rouge:
                 result = (text, attempt + 1, False)
                 break
@@ -491,6 +523,9 @@ def _summarise(totals: dict[str, list[float]], counts: dict[str, int], seconds: 
     """Per-step metrics in the runner's naming: ``reward/<term>_mean|_std``, ``adv/…``, ``ratio_mean``,
     ``clip_frac``, ``kl``, ``count/…`` (summed over processes), ``time/<phase>_s``."""
     out: dict[str, float] = {f"count/{k}": float(v) for k, v in counts.items()}
+    if counts.get("samples"):  # headline: how often the anchor rule left a sample without a VLM anchor
+        out["anchor/skip_rate"] = counts["anchor_skipped"] / counts["samples"]
+        out["anchor/gt_rate"] = counts["anchor_fallbacks"] / counts["samples"]
     out.update({f"time/{k}": v for k, v in seconds.items()})
     for name, values in totals.items():
         t = torch.tensor(values, dtype=torch.float64)

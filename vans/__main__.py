@@ -61,6 +61,13 @@ def _answer_parser(sub) -> None:
     s.add_argument("--temperature", type=float, help="VLM sampling temperature (default 0.7)")
     s.add_argument("--top-p", type=float, help="VLM nucleus sampling (default 0.9)")
     s.add_argument("--max-new-tokens", type=int, help="VLM token budget (default 1024)")
+    s.add_argument("--system-prompt", choices=("official", "paper"),
+                   help="VLM system prompt: official (the official code's wording, which the released weights were "
+                        "trained with; default) or paper (the paper's App. C.2 wording)")
+    s.add_argument("--decoding", choices=("official", "policy"),
+                   help="VLM decoding: official (the authors' inference: the model folder's generation_config.json "
+                        "with --temperature/--top-p set, so e.g. its repetition penalty applies; default) or policy "
+                        "(plain temperature + top-p sampling, as GRPO rollouts)")
 
 
 def _settings(args):
@@ -80,7 +87,9 @@ def _settings(args):
                               ("context", settings.video, "num_context"), ("fps", settings.video, "fps"),
                               ("negative_prompt", settings.video, "negative_prompt"),
                               ("temperature", settings.caption, "temperature"), ("top_p", settings.caption, "top_p"),
-                              ("max_new_tokens", settings.caption, "max_new_tokens")]:
+                              ("max_new_tokens", settings.caption, "max_new_tokens"),
+                              ("system_prompt", settings.caption, "system_prompt"),
+                              ("decoding", settings.caption, "decoding")]:
         value = getattr(args, arg)
         if value is not None:
             setattr(target, attr, value)
@@ -125,7 +134,9 @@ def run_answer(args) -> int:
     ans.timings = {"load_s": load_s, **ans.timings}
     record = {"demo": bool(args.demo), "input_video": str(video), "seed": args.seed, "device": str(device),
               "dtype": str(dtype).replace("torch.", ""), "settings": settings.to_dict(),
-              "models": {k: str(v) for k, v in vars(paths).items() if v is not None}}
+              "models": {k: str(v) for k, v in vars(paths).items() if v is not None},
+              "vlm_decoding": models.captioner.decoding_summary(settings.caption.decoding, settings.caption.temperature,
+                                                                settings.caption.top_p)}
     if args.demo:
         record["warning"] = "demo mode: random tiny weights, meaningless output"
     full = save_answer(ans, out, record=record)

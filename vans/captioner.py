@@ -11,10 +11,19 @@ Read top to bottom it is the algorithm of the official ``agent_mllm.py`` (VANS.m
 Differences from the official code, on purpose:
 
 * KV cache on (``use_cache=True``); the official code turned it off, which only costs time.
-* Sampling is set explicitly: temperature and top-p only (defaults 0.7 / 0.9). The folder's
-  ``generation_config.json`` sampling fields (the Qwen release ships e.g. a repetition penalty and
-  top-k) are not applied, so the sampled policy is exactly softmax(logits / T) truncated by top-p,
-  which is what the GRPO log-probabilities assume.
+* Two decoding modes (``DECODING_MODES``):
+  - ``official`` (inference, stage-2 anchor captions): what the official ``generate(do_sample=True,
+    temperature=0.7, top_p=0.9, max_new_tokens=1024)`` does. transformers merges those four values into
+    the model folder's ``generation_config.json`` and fills what is still unset with its global defaults
+    (top-k 50), so every other field of that file stays active. The Qwen2.5-VL-3B-Instruct file has
+    changed on the Hub: release-era copies set ``top_k 1, top_p 0.001, temperature 0.1,
+    repetition_penalty 1.05``, which makes the official call greedy (captions independent of seed and
+    temperature); the current copy sets only ``temperature 1e-06, repetition_penalty 1.05``, so the call
+    samples with top-k 50 and the 1.05 penalty. Which copy the authors used is unknown; this mode
+    reproduces the official call on whichever folder is loaded, and ``answer.json`` records the result.
+  - ``policy`` (GRPO rollouts, several answers per question): softmax(logits / T) truncated by top-p
+    and nothing else, the folder's other fields ignored, so the sampled policy is exactly the one whose
+    log-probabilities the training forward recomputes.
 * Video timing: the official code passes no fps, so the transformers 4.5x processor used its default
   fps 2 and ``second_per_grid_ts`` = temporal_patch 2 / 2 = 1.0 s. transformers 5 derives it from video
   metadata (24 fps when there is none, 0.083 s). We pass 1.0 explicitly to keep the official temporal
@@ -55,6 +64,7 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 MAX_ASPECT_RATIO = 200
 SECONDS_PER_GRID = 1.0  # see the module docstring
+DECODING_MODES = ("official", "policy")  # see the module docstring
 
 EXPECTED_FILES = ("config.json", "model.safetensors (or model-0000X-of-0000N.safetensors + model.safetensors.index.json)",
                   "tokenizer.json (or vocab.json + merges.txt)", "tokenizer_config.json", "preprocessor_config.json")
@@ -334,6 +344,23 @@ def _token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: tor
     return torch.cat(pieces, dim=1)
 
 
+def _global_generation_defaults() -> dict:
+    """What ``generate`` puts in the fields a generation config leaves unset (transformers' global defaults)."""
+    from transformers import GenerationConfig
+
+    getter = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if getter is not None:
+        return dict(getter())
+    return {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0}
+
+
+def _check_decoding(decoding: str) -> None:
+    if decoding not in DECODING_MODES:
+        raise InputError(f"decoding={decoding!r}: use official (the authors' inference: the model folder's "
+                         "generation_config.json with temperature/top-p/max tokens set) or policy (plain "
+                         "temperature + top-p sampling, as GRPO rollouts)")
+
+
 def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise InputError(f"temperature is {temperature}; use 0 (greedy) or a positive value such as 0.7")
@@ -352,8 +379,10 @@ class Captioner:
     weights on the CPU and the next call moves them back."""
 
     def __init__(self, model, processor, *, device: torch.device, dtype: torch.dtype, folder: Path | None = None,
-                 checkpoint_report=None):
+                 checkpoint_report=None, release_generation_config=None):
         self.model = model
+        # the folder's generation config as transformers loads it (the base of "official" decoding)
+        self.release_generation_config = release_generation_config
         self.processor = processor
         self.device = device
         self.dtype = dtype
@@ -426,29 +455,81 @@ class Captioner:
 
     # -- sampling ----------------------------------------------------------------------------------
 
+    def is_deterministic(self, decoding: str, temperature: float) -> bool:
+        """True when every draw gives the same text: greedy decoding, or "official" decoding over a folder
+        config with ``top_k=1`` (the Qwen2.5-VL-3B-Instruct release)."""
+        _check_decoding(decoding)
+        if temperature <= 0:
+            return True
+        return decoding == "official" and getattr(self._official_base(), "top_k", None) == 1
+
+    def decoding_summary(self, decoding: str, temperature: float, top_p: float) -> dict:
+        """The sampling fields that really apply in ``decoding`` mode, for output records."""
+        _check_decoding(decoding)
+        if decoding == "policy":
+            fields = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": None,
+                      "repetition_penalty": 1.0}
+        else:
+            config = self._official_config(temperature=temperature, top_p=top_p, max_new_tokens=1, num_sequences=1)
+            fields = {k: getattr(config, k, None) for k in ("do_sample", "temperature", "top_p", "top_k",
+                                                            "repetition_penalty")}
+        return {"mode": decoding, **fields, "deterministic": self.is_deterministic(decoding, temperature)}
+
+    def _official_base(self):
+        from transformers import GenerationConfig
+
+        if self.release_generation_config is not None:
+            return self.release_generation_config
+        return GenerationConfig.from_model_config(self.model.config)
+
+    def _official_config(self, *, temperature: float, top_p: float, max_new_tokens: int, num_sequences: int):
+        """The folder's generation config with the official call's four overrides, as ``generate(**kwargs)``
+        merges them (temperature 0 is our greedy extension)."""
+        import copy
+
+        config = copy.deepcopy(self._official_base())
+        config.update(**_global_generation_defaults(), defaults_only=True)
+        if temperature > 0:
+            config.update(do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        else:
+            config.update(do_sample=False, max_new_tokens=max_new_tokens)
+        config.update(num_return_sequences=num_sequences, use_cache=True, return_dict_in_generate=False)
+        if config.pad_token_id is None:
+            config.pad_token_id = self.pad_token_id
+        return config
+
     @torch.no_grad()
     def _generate(self, prompt: PromptInputs, *, num_sequences: int, temperature: float, top_p: float,
-                  max_new_tokens: int, seed: int | None, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(completion ids [G, L], sampling log-probs [G, L]) for ``num_sequences`` draws from one prompt."""
-        from transformers import GenerationConfig, StoppingCriteriaList
+                  max_new_tokens: int, seed: int | None, desc: str, decoding: str = "policy"
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(completion ids [G, L], sampling log-probs [G, L] in "policy" mode, else None) for
+        ``num_sequences`` draws from one prompt."""
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+        _check_decoding(decoding)
         self._on_device()
         inputs = prompt.to(self.device, self._vision_dtype)
-        recorder = _SampledTokenLogProbs(num_sequences, max_new_tokens, temperature, self.device, self.banned_ids)
-        config = GenerationConfig(
-            do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, max_new_tokens=max_new_tokens,
-            num_return_sequences=num_sequences, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
-            use_cache=True, return_dict_in_generate=False,
-        )
+        recorder = None
+        if decoding == "official":
+            config = self._official_config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                           num_sequences=num_sequences)
+            processors = LogitsProcessorList()
+        else:
+            recorder = _SampledTokenLogProbs(num_sequences, max_new_tokens, temperature, self.device, self.banned_ids)
+            config = GenerationConfig(
+                do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0,
+                repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, max_new_tokens=max_new_tokens,
+                num_return_sequences=num_sequences, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                use_cache=True, return_dict_in_generate=False,
+            )
+            processors = _sampling_processors(temperature, top_p, recorder)
         with progress(max_new_tokens, desc) as bar, _seeded(seed, self.device), _eval_mode(self.model):
             sequences = self.model.generate(
-                **inputs.tensors, generation_config=config,
-                logits_processor=_sampling_processors(temperature, top_p, recorder),
+                **inputs.tensors, generation_config=config, logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([_ProgressPerToken(bar)]),
             )
         completion = sequences[:, prompt.length:]
-        return completion, recorder.finish(completion)
+        return completion, (recorder.finish(completion) if recorder is not None else None)
 
     def _decode(self, completion: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         rows = [ids[:n] for ids, n in zip(completion.tolist(), lengths.tolist())]
@@ -457,15 +538,17 @@ class Captioner:
     def caption(self, frames: torch.Tensor, question: str, *, temperature: float = 0.7, top_p: float = 0.9,
                 max_new_tokens: int = 1024, seed: int | None = 0, num_frames: int = NUM_FRAMES,
                 min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS,
-                system_prompt: str = SYSTEM_PROMPT) -> CaptionResult:
+                system_prompt: str = SYSTEM_PROMPT, decoding: str = "official") -> CaptionResult:
         """Reason about the clip and describe the next event. Same seed, same inputs -> same caption.
+        ``decoding`` is "official" (the authors' inference) or "policy" (see the module docstring);
         ``temperature=0`` decodes greedily; ``seed=None`` draws from the global RNG."""
         start = time.perf_counter()
         _check_sampling(temperature, top_p, max_new_tokens)
         prompt = self.prepare(frames, question, num_frames=num_frames, min_pixels=min_pixels, max_pixels=max_pixels,
                               system_prompt=system_prompt)
         completion, _ = self._generate(prompt, num_sequences=1, temperature=temperature, top_p=top_p,
-                                       max_new_tokens=max_new_tokens, seed=seed, desc="VLM caption")
+                                       max_new_tokens=max_new_tokens, seed=seed, desc="VLM caption",
+                                       decoding=decoding)
         eos = torch.tensor(self.eos_token_ids, device=completion.device)
         _, _, lengths = _completion_masks(completion, eos, include_eos=True)
         text = self._decode(completion, lengths)[0]
@@ -491,7 +574,8 @@ class Captioner:
         prompt = self.prepare(frames, question, num_frames=num_frames, min_pixels=min_pixels, max_pixels=max_pixels,
                               system_prompt=system_prompt)
         completion, logprobs = self._generate(prompt, num_sequences=group_size, temperature=temperature, top_p=top_p,
-                                              max_new_tokens=max_new_tokens, seed=seed, desc="VLM rollouts")
+                                              max_new_tokens=max_new_tokens, seed=seed, desc="VLM rollouts",
+                                              decoding="policy")
         eos = torch.tensor(self.eos_token_ids, device=completion.device)
         attention, action, lengths = _completion_masks(completion, eos, include_eos)
         texts = self._decode(completion, lengths)
@@ -640,6 +724,7 @@ def load_captioner(folder: str | os.PathLike, *, checkpoint: str | os.PathLike |
                              f"{str(exc).splitlines()[0]}; check the tokenizer and preprocessor files") from None
     model = _load_model(folder, dtype, attn_implementation)
     model.eval()
+    release_generation_config = model.generation_config  # as transformers loaded it from the folder
     model.generation_config = _neutral_generation_config(model, folder)
     report = None
     if checkpoint is not None:
@@ -649,4 +734,5 @@ def load_captioner(folder: str | os.PathLike, *, checkpoint: str | os.PathLike |
                 f"VANS VLM checkpoint {Path(checkpoint).name} was made for a different model size: "
                 f"{report.shape_mismatched[0]}; use the vlm.safetensors for Qwen2.5-VL-3B-Instruct")
     model.to(device)
-    return Captioner(model, processor, device=device, dtype=dtype, folder=folder, checkpoint_report=report)
+    return Captioner(model, processor, device=device, dtype=dtype, folder=folder, checkpoint_report=report,
+                     release_generation_config=release_generation_config)

@@ -3,12 +3,18 @@
 The model is open_clip's ``CLIP`` built locally (never ``pretrained=``, which may download) with its
 architecture read from the tensor shapes, then filled from the user's file. Files users have:
 
-* ``open_clip_model.safetensors`` of ``laion/CLIP-ViT-B-32-laion2B-s34B-b79K`` (open_clip key layout): loads;
-* ``open_clip_pytorch_model.bin`` of the same repo: a pickle, loaded only with ``allow_pickle=True``;
+* ``open_clip_model.safetensors`` of ``timm/vit_base_patch32_clip_224.openai`` (OpenAI's ViT-B/32, the paper's;
+  open_clip key layout), best saved as ``clip_vit_b32_openai.safetensors``: loads as QuickGELU;
+* ``open_clip_model.safetensors`` of ``laion/CLIP-ViT-B-32-laion2B-s34B-b79K``: loads as GELU (not the paper's);
+* ``open_clip_pytorch_model.bin`` of either repo: a pickle, loaded only with ``allow_pickle=True``;
 * OpenAI's ``ViT-B-32.pt``: a TorchScript archive, refused (we never run code from a weight file).
 
-Shapes cannot tell the activation: ``arch`` names the open_clip config that supplies everything the
-shapes do not (``"ViT-B-32"``: GELU, LAION weights; ``"ViT-B-32-quickgelu"``: OpenAI-trained weights).
+Shapes cannot tell the activation, so the architecture (``arch``) is an explicit choice or read from
+what travels with the file: the paper's "CLIP ViT-B/32" is OpenAI's, trained with QuickGELU
+(``"ViT-B-32-quickgelu"``); LAION's ViT-B/32 uses GELU (``"ViT-B-32"``). Loading OpenAI weights as GELU
+gives wrong features without any error. ``arch="auto"`` (``resolve_clip_arch``) reads, in order, an
+``open_clip_config.json`` next to the file (Hugging Face repos ship one: ``model_cfg.quick_gelu``), then
+the file name ("openai" / "laion"), and otherwise assumes the paper's OpenAI model and logs that it did.
 
 Preprocessing happens in torch on the scorer's device and follows open_clip's eval transform: resize the
 shortest side to the model's image size (bicubic, antialiased), center crop, normalise with the CLIP
@@ -21,6 +27,8 @@ scaled version. The ``*_from_features`` functions are pure, so a caller can cach
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import zipfile
 from pathlib import Path
@@ -39,7 +47,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CLIP_HEAD_WIDTH = 64  # every open_clip ViT config uses 64-wide attention heads in both towers
 BPE_VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer, shipped inside the package
-RECOMMENDED_FILE = "open_clip_model.safetensors from laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+RECOMMENDED_FILE = ("open_clip_model.safetensors from timm/vit_base_patch32_clip_224.openai (OpenAI's ViT-B/32, "
+                    "the paper's), saved as clip_vit_b32_openai.safetensors")
+PAPER_ARCH = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32: the "CLIP ViT-B/32" of the VANS rewards and tables
+ARCH_CHOICES = ("auto", "ViT-B-32-quickgelu", "ViT-B-32")
 
 _REQUIRED_KEYS = (
     "visual.conv1.weight",
@@ -52,6 +63,8 @@ _REQUIRED_KEYS = (
     "ln_final.weight",
 )
 _KEY_PREFIXES = ("module.", "clip.")
+
+log = logging.getLogger("vans")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,8 +120,11 @@ class ClipScorer:
     (one transfer per call) to feed ``vans.rewards``.
     """
 
-    def __init__(self, model, tokenizer, *, image_size: int, device: str | torch.device, dtype: torch.dtype):
+    def __init__(self, model, tokenizer, *, image_size: int, device: str | torch.device, dtype: torch.dtype,
+                 arch: str = PAPER_ARCH, arch_source: str = "explicit"):
         self.model = model
+        self.arch = arch  # the open_clip config that supplied the activation
+        self.arch_source = arch_source  # how it was chosen (resolve_clip_arch)
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.device = torch.device(device)
@@ -222,23 +238,56 @@ class ClipScorer:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_clip_arch(path: str | Path, arch: str = "auto") -> tuple[str, str]:
+    """(open_clip arch name, how it was decided) for a CLIP file; see the module docstring.
+
+    An explicit name is used as given. ``"auto"`` reads ``open_clip_config.json`` beside the file
+    (``model_cfg.quick_gelu``), then the file name (``openai`` → QuickGELU, ``laion`` → GELU), and
+    otherwise falls back to the paper's OpenAI ViT-B/32 with a warning that names the choice.
+    """
+    if arch != "auto":
+        return arch, "explicit"
+    path = Path(path)
+    config_file = path.with_name("open_clip_config.json")
+    if config_file.is_file():
+        try:
+            model_cfg = json.loads(config_file.read_text(encoding="utf-8")).get("model_cfg", {})
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelFileError(f"{config_file} is not valid JSON ({exc}); fix it or pass the CLIP arch explicitly") from None
+        return ("ViT-B-32-quickgelu" if model_cfg.get("quick_gelu") else "ViT-B-32"), config_file.name
+    name = path.name.lower()
+    if "openai" in name:
+        return "ViT-B-32-quickgelu", "file name (openai)"
+    if "laion" in name:
+        return "ViT-B-32", "file name (laion)"
+    log.warning("CLIP file %s: QuickGELU or GELU cannot be told from its tensors and no open_clip_config.json lies "
+                "beside it; assuming OpenAI's ViT-B/32 (%s, the paper's). For LAION weights set the arch to ViT-B-32.",
+                path.name, PAPER_ARCH)
+    return PAPER_ARCH, "default (the paper's OpenAI CLIP)"
+
+
 def load_clip(
     path: str | Path,
     *,
-    arch: str = "ViT-B-32",
+    arch: str = "auto",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
 ) -> ClipScorer:
-    """Load an open_clip ViT CLIP weight file into a ``ClipScorer``; sizes come from the tensor shapes."""
+    """Load an open_clip ViT CLIP weight file into a ``ClipScorer``; sizes come from the tensor shapes, the
+    activation from ``arch`` (``resolve_clip_arch``: "auto", "ViT-B-32-quickgelu" or "ViT-B-32")."""
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     path = Path(path)
     _refuse_torchscript(path)
+    if arch != "auto":
+        _arch_settings(arch, open_clip)  # a wrong name fails before the file is read
     state_dict = strip_prefix(load_state_dict(path, what="CLIP", allow_pickle=allow_pickle), _KEY_PREFIXES)
     _check_open_clip_layout(state_dict, path)
-    config = clip_config_from_state_dict(state_dict, _arch_settings(arch, open_clip), path)
+    arch, arch_source = resolve_clip_arch(path, arch)
+    settings = _arch_settings(arch, open_clip)
+    config = clip_config_from_state_dict(state_dict, settings, path)
 
     model = CLIP(
         config["embed_dim"],
@@ -254,7 +303,8 @@ def load_clip(
         )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
-    return ClipScorer(model, tokenizer, image_size=config["vision_cfg"]["image_size"], device=device, dtype=dtype)
+    return ClipScorer(model, tokenizer, image_size=config["vision_cfg"]["image_size"], device=device, dtype=dtype,
+                      arch=arch, arch_source=arch_source)
 
 
 def clip_config_from_state_dict(state_dict: dict[str, torch.Tensor], settings: dict, path: Path) -> dict:
@@ -307,7 +357,8 @@ def _arch_settings(arch: str, open_clip) -> dict:
     """The named open_clip config; it must describe a plain ViT CLIP (no timm / Hugging Face towers)."""
     config = open_clip.get_model_config(arch)
     if config is None:
-        raise InputError(f"CLIP arch '{arch}' is not an open_clip model config; use 'ViT-B-32' (or 'ViT-B-32-quickgelu' for OpenAI weights)")
+        raise InputError(f"CLIP arch '{arch}' is not an open_clip model config; use 'ViT-B-32-quickgelu' (OpenAI "
+                         "weights, the paper's), 'ViT-B-32' (LAION weights) or 'auto'")
     vision_cfg, text_cfg = config.get("vision_cfg", {}), config.get("text_cfg", {})
     if vision_cfg.get("timm_model_name") or text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
         raise InputError(f"CLIP arch '{arch}' uses timm or Hugging Face towers, which this loader does not build; use 'ViT-B-32'")
@@ -353,8 +404,7 @@ def _refuse_torchscript(path: Path) -> None:
     if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
         raise ModelFileError(
             f"CLIP file {path.name} is a TorchScript archive (OpenAI's original release), which is not loaded; "
-            f"use {RECOMMENDED_FILE}, or timm/vit_base_patch32_clip_224.openai's open_clip_model.safetensors "
-            "with arch 'ViT-B-32-quickgelu'"
+            f"use {RECOMMENDED_FILE} (the same weights in safetensors)"
         )
 
 

@@ -221,6 +221,7 @@ def plot_scores(table: dict, path: Path) -> str:
 @dataclass
 class EvalSettings:
     clip: str | None = None
+    clip_arch: str = "auto"  # vans.clip.resolve_clip_arch
     i3d: str | None = None
     device: str = "cpu"
     clip_t_text: str = "gt"
@@ -248,7 +249,8 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
     if clip_path:
         from .clip import load_clip
 
-        scorer = load_clip(clip_path, device=settings.device)
+        scorer = load_clip(clip_path, arch=settings.clip_arch, device=settings.device)
+        log(f"CLIP: {clip_path.name} as {scorer.arch} ({scorer.arch_source})")
     if i3d_path:
         from .i3d import load_i3d
 
@@ -257,7 +259,8 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
         if reason:
             log(reason)
     table = {"splits": {}, "skipped": {}, "left_out": {}, "items": {},
-             "settings": {"clip": settings.clip, "i3d": settings.i3d, "clip_t_text": settings.clip_t_text,
+             "settings": {"clip": settings.clip, "clip_arch": scorer.arch if scorer else settings.clip_arch,
+                          "i3d": settings.i3d, "clip_t_text": settings.clip_t_text,
                           "fvd_frames": settings.fvd_frames, "fvd_size": settings.fvd_size,
                           "ground_truth": str(truth_path)}}
     for path, name in zip(results, names):
@@ -297,6 +300,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: table.md, table.json, scores.png")
     p.add_argument("--name", action="append", default=[], help="row name per results file (default: its folder)")
     p.add_argument("--clip", help="open_clip ViT-B/32 safetensors for CLIP-V/CLIP-T (skipped without it)")
+    p.add_argument("--clip-arch", choices=("auto", "ViT-B-32-quickgelu", "ViT-B-32"), default="auto",
+                   help="CLIP activation: ViT-B-32-quickgelu for OpenAI weights (the paper's CLIP), ViT-B-32 for LAION "
+                        "weights; auto reads open_clip_config.json beside the file or the file name, else assumes OpenAI")
     p.add_argument("--i3d", help="I3D safetensors (PyTorch I3D key layout) for FVD (skipped without it)")
     p.add_argument("--device", default="cpu", help="device for CLIP and I3D (default cpu)")
     p.add_argument("--clip-t-text", choices=("gt", "pred"), default="gt", help="caption CLIP-T compares with (default gt)")
@@ -312,7 +318,7 @@ def run(args) -> int:
     names = args.name or [p.parent.name or p.stem for p in results]
     if len(names) != len(results):
         raise InputError(f"got {len(names)} --name for {len(results)} results files; give one per file or none")
-    settings = EvalSettings(clip=args.clip, i3d=args.i3d, device=args.device, clip_t_text=args.clip_t_text,
+    settings = EvalSettings(clip=args.clip, clip_arch=args.clip_arch, i3d=args.i3d, device=args.device, clip_t_text=args.clip_t_text,
                             fvd_frames=args.fvd_frames, fvd_size=args.fvd_size)
     table = evaluate(results, names, Path(args.gt), settings)
     out = Path(args.out)

@@ -32,8 +32,8 @@ ROLES = {
     "vlm": Role("Qwen2.5-VL-3B-Instruct folder (Hugging Face layout)", ("LLM",),
                 ("Qwen2.5-VL-3B-Instruct",), is_dir=True),
     "vlm_checkpoint": Role("VANS VLM LoRA (vlm.safetensors, optional)", ("LLM",), ("vlm.safetensors",)),
-    "clip": Role("open_clip ViT-B/32 reward model", ("reward_models",),
-                 ("open_clip_ViT-B-32.safetensors", "open_clip_model.safetensors")),
+    "clip": Role("open_clip ViT-B/32 reward model (OpenAI's, the paper's)", ("reward_models",),
+                 ("clip_vit_b32_openai.safetensors", "open_clip_ViT-B-32.safetensors", "open_clip_model.safetensors")),
 }
 
 

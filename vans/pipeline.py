@@ -22,7 +22,7 @@ from .models import ModelPaths
 
 @dataclass
 class CaptionSettings:
-    """Defaults of the paper and the official code (VANS.md §3)."""
+    """Defaults of the official code (``agent_mllm.py`` and its qwen_vl_utils constants)."""
 
     num_frames: int = 6
     min_pixels: int = 128 * 28 * 28
@@ -30,6 +30,8 @@ class CaptionSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 1024
+    system_prompt: str = "official"  # or "paper" (vans.prompts.SYSTEM_PROMPTS)
+    decoding: str = "official"  # or "policy" (vans.captioner.DECODING_MODES)
 
 
 @dataclass
@@ -97,11 +99,12 @@ def load_models(paths: ModelPaths, *, device: torch.device, dtype: torch.dtype, 
 
 def answer(models: VansModels, video_path: str | os.PathLike, question: str,
            settings: AnswerSettings | None = None) -> Answer:
-    from .prompts import validate_question
+    from .prompts import system_prompt_text, validate_question
     from .video import read_video
 
     question = validate_question(question)
     settings = settings or AnswerSettings()
+    system_prompt = system_prompt_text(settings.caption.system_prompt)
     settings.video.validate()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -118,6 +121,7 @@ def answer(models: VansModels, video_path: str | os.PathLike, question: str,
     result = models.captioner.caption(
         vlm_clip.frames, question, temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=cs.max_new_tokens,
         seed=settings.seed, num_frames=cs.num_frames, min_pixels=cs.min_pixels, max_pixels=cs.max_pixels,
+        system_prompt=system_prompt, decoding=cs.decoding,
     )
     models.captioner.offload()
     timings["caption_s"] = time.perf_counter() - t0

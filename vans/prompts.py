@@ -14,16 +14,28 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-# Paper App. C.2, used for VANS and every cascaded baseline (VANS.md §3).
-SYSTEM_PROMPT = (
+# Two wordings of the VANS system prompt. "official" is the official code's default
+# (``MLLMAgentConfig.system_prompt`` in KlingAIResearch/VANS ``vans/models_mllm/agent_mllm.py``, used for
+# SFT and inference, so the released vlm.safetensors was trained with it) and is the default everywhere.
+# "paper" is the text printed in the paper's App. C.2, one word longer ("your detailed description").
+OFFICIAL_SYSTEM_PROMPT = (
     "You will be given a video. Your task is to predict the next event based on the input video and the "
     "user's instructions. Please begin by providing your detailed reasoning between the [Think][/Think] tags, "
-    "followed by your detailed description of the next event within the [Ans][/Ans] tags."
+    "followed by your description of the next event within the [Ans][/Ans] tags."
 )
+PAPER_SYSTEM_PROMPT = OFFICIAL_SYSTEM_PROMPT.replace("followed by your description", "followed by your detailed description")
+SYSTEM_PROMPTS = {"official": OFFICIAL_SYSTEM_PROMPT, "paper": PAPER_SYSTEM_PROMPT}
+DEFAULT_SYSTEM_PROMPT = "official"
+SYSTEM_PROMPT = SYSTEM_PROMPTS[DEFAULT_SYSTEM_PROMPT]
 
-# The official code's default (``MLLMAgentConfig.system_prompt``): "your description" without the second
-# "detailed". The released weights were presumably trained with this one; kept for comparisons.
-CODE_SYSTEM_PROMPT = SYSTEM_PROMPT.replace("followed by your detailed description", "followed by your description")
+
+def system_prompt_text(name: str) -> str:
+    """The text of a system prompt named "official" or "paper", or ``InputError`` naming the choices."""
+    if name not in SYSTEM_PROMPTS:
+        raise InputError(f"system_prompt={name!r}: use one of {', '.join(SYSTEM_PROMPTS)} "
+                         f"(official = the wording the released VANS weights were trained with)")
+    return SYSTEM_PROMPTS[name]
+
 
 # A question is a sentence or a short paragraph. 2,000 characters (~500 tokens) is far above the paper's
 # examples and keeps the prompt well below the VLM context next to ~1,000 video tokens. Longer input is

@@ -24,7 +24,7 @@ VAE_NAME = "wan_2.1_vae.safetensors"
 TEXT_ENCODER_NAME = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VLM_DIR_NAME = "Qwen2.5-VL-3B-Instruct"
 VLM_CHECKPOINT_NAME = "vlm.safetensors"
-CLIP_NAME = "open_clip_ViT-B-32.safetensors"
+CLIP_NAME = "clip_vit_b32_openai.safetensors"
 TEXT_DIM = 4096
 
 
