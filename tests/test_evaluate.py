@@ -197,6 +197,8 @@ def test_text_metrics_hand_computed_and_clean_skips(tmp_path):
     assert "| Model | B@1 | B@2 | B@3 | B@4 | R-L | FVD | CLIP-V | CLIP-T | n |" in md
     assert "| mine | 0.3679 | 0.3679 | 0.3679 | 0.0000 | 0.6667 | – | – | – | 1 |" in md
     assert "FVD skipped" in md and "left out 1 not ok" in md
+    assert "ROUGE-L: rouge-score rougeL F-measure (beta 1, LCS over the whole text), Porter stemmer" in md
+    assert table["settings"]["rouge_l"].startswith("rouge-score rougeL")
 
 
 def test_vans_csv_ground_truth_matches_by_id(tmp_path):
@@ -214,7 +216,7 @@ def test_vans_csv_ground_truth_matches_by_id(tmp_path):
 def test_clip_and_fvd_on_tiny_models_match_direct_computation(tmp_path, tiny_i3d_file):
     from vans.clip import load_clip
     from vans.fixtures.clip import write_tiny_clip
-    from vans.video import read_video, synthetic_frames, write_video
+    from vans.video import FramePick, read_clip, read_video, synthetic_frames, write_video
 
     clip_file = write_tiny_clip(tmp_path / "clip.safetensors")
     rows, truth = [], []
@@ -235,7 +237,9 @@ def test_clip_and_fvd_on_tiny_models_match_direct_computation(tmp_path, tiny_i3d
     # direct computation with the same engine pieces
     scorer = load_clip(clip_file)
     gen = [read_video(tmp_path / "run" / "videos" / f"{i}.mp4").frames for i in range(3)]
-    gts = [read_video(tmp_path / f"gt{i}.mp4").frames for i in range(3)]
+    # the GT clip as the training rewards see it: the answer's frame count, picked at 11 fps, cropped to its size
+    gts = [read_clip(tmp_path / f"gt{i}.mp4", g.shape[0], g.shape[1], g.shape[2], FramePick("fps", 11.0)).frames
+           for i, g in enumerate(gen)]
     clip_v = [scorer.clip_v(g, t) for g, t in zip(gen, gts)]
     clip_t = [scorer.clip_t(g, f"truth {i}") for i, g in enumerate(gen)]
     assert metrics["CLIP-V"] == pytest.approx(sum(clip_v) / 3, abs=1e-5)

@@ -19,7 +19,10 @@ STEPS, SHIFT, NOISE_LEVEL, G = 4, 5.0, 0.7, 4
 # -- step plans --------------------------------------------------------------------------------
 
 def test_all_and_fraction_plans():
-    assert flow_grpo.plan_steps(5, "all") == flow_grpo.StepPlan(None, [0, 1, 2, 3, 4])
+    # Flow-GRPO trains int(K · 0.99) steps: never the final σ → 0 transition
+    assert flow_grpo.plan_steps(5, "all") == flow_grpo.StepPlan(None, [0, 1, 2, 3])
+    assert flow_grpo.plan_steps(10, "all").train_steps == list(range(int(10 * 0.99)))
+    assert flow_grpo.plan_steps(1, "all").train_steps == [0]
     g = torch.Generator().manual_seed(0)
     draws = [flow_grpo.plan_steps(10, "fraction", fraction=0.3, generator=g) for _ in range(20)]
     assert all(p.sde_steps is None and len(p.train_steps) == 3 and p.train_steps == sorted(set(p.train_steps))

@@ -94,9 +94,10 @@ def test_missing_weights_list_every_expected_file_and_folder(tmp_path):
 # -- the pipeline --------------------------------------------------------------------------------------
 
 def test_a_seed_reproduces_exactly_on_cpu_and_another_seed_differs(models, clip_path):
-    first = answer(models, clip_path, "What happens next?", small_settings(seed=3))
-    again = answer(models, clip_path, "What happens next?", small_settings(seed=3))
-    other = answer(models, clip_path, "What happens next?", small_settings(seed=4))
+    # seeds 4 and 5: the random tiny VLM ends its caption at once for some seeds (3), which answer() refuses
+    first = answer(models, clip_path, "What happens next?", small_settings(seed=4))
+    again = answer(models, clip_path, "What happens next?", small_settings(seed=4))
+    other = answer(models, clip_path, "What happens next?", small_settings(seed=5))
     assert first.raw == again.raw
     assert torch.equal(first.frames, again.frames)
     assert first.frames.shape == (9, 48, 64, 3)
@@ -227,10 +228,10 @@ def test_text_embeddings_are_cached_and_the_cache_is_bounded(models, monkeypatch
 
 
 def test_the_answer_seed_also_seeds_the_video(models, clip_path):
-    settings = small_settings(seed=3)
+    settings = small_settings(seed=4)
     settings.video.seed = 99  # ignored: one seed per answer
     assert torch.equal(answer(models, clip_path, "What happens next?", settings).frames,
-                       answer(models, clip_path, "What happens next?", small_settings(seed=3)).frames)
+                       answer(models, clip_path, "What happens next?", small_settings(seed=4)).frames)
 
 
 def test_the_text_encoder_is_placed_once_per_answer(demo_dir, clip_path, monkeypatch):

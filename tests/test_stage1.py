@@ -103,9 +103,52 @@ def test_exports_load_into_the_captioner(trained, group):
     assert merged.checkpoint_report.clean
     assert torch.allclose(_logprobs(merged, group), trained_logp, atol=1e-4)
     stacked = load_captioner(policy.paths.vlm, checkpoint=policy.paths.vlm_checkpoint, device="cpu")
-    report = load_vlm_checkpoint(stacked.model, result.exports["adapter"])
+    report = load_vlm_checkpoint(stacked.model, result.exports["adapter"])  # the low-level call: no chain
     assert report.merged_lora == len(policy.lora)
     assert torch.allclose(_logprobs(stacked, group), trained_logp, atol=1e-4)
+
+
+def test_adapter_export_applies_its_start_checkpoint_or_refuses(trained, group, tmp_path):
+    """The adapter is a delta on the VANS vlm.safetensors the run started from: loading it alone on the base
+    Qwen folder must give the trained model (start applied from its recorded path), never base + delta."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from vans.captioner import load_captioner
+    from vans.errors import ModelFileError
+
+    _, policy, result = trained
+    assert policy.paths.vlm_checkpoint is not None  # the tiny run starts from the demo vlm.safetensors
+    with safe_open(result.exports["adapter"], framework="pt") as f:
+        meta = f.metadata()
+    assert meta["start_checkpoint"] == policy.paths.vlm_checkpoint.name
+    assert meta["start_checkpoint_path"] == str(policy.paths.vlm_checkpoint.resolve())
+    trained_logp = _logprobs(policy.captioner, group)
+    alone = load_captioner(policy.paths.vlm, checkpoint=result.exports["adapter"], device="cpu")
+    assert torch.allclose(_logprobs(alone, group), trained_logp, atol=1e-4)
+
+    # moved somewhere without its start file: refused with the fix, not loaded as base + delta
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    copy = shutil.copy(result.exports["adapter"], lonely / "vlm_lora.safetensors")
+    (tmp_path / "gone").mkdir()
+    moved = tmp_path / "gone" / policy.paths.vlm_checkpoint.name
+    shutil.move(policy.paths.vlm_checkpoint, moved)
+    try:
+        with pytest.raises(ModelFileError, match="trained on top of vlm.safetensors.*merged export"):
+            load_captioner(policy.paths.vlm, checkpoint=copy, device="cpu")
+        # the start file beside the adapter is found, but another file under that name is refused
+        shutil.copy(moved, lonely / moved.name)
+        assert torch.allclose(_logprobs(load_captioner(policy.paths.vlm, checkpoint=copy, device="cpu"), group),
+                              trained_logp, atol=1e-4)
+        from vans.fixtures.qwen import write_tiny_vans_vlm_checkpoint
+
+        write_tiny_vans_vlm_checkpoint(lonely / moved.name, policy.paths.vlm, seed=5)
+        with pytest.raises(ModelFileError, match="fingerprint mismatch"):
+            load_captioner(policy.paths.vlm, checkpoint=copy, device="cpu")
+    finally:
+        shutil.move(moved, policy.paths.vlm_checkpoint)
 
 
 def test_zero_spread_group_gives_zero_gradient():

@@ -11,7 +11,10 @@ import torch
 from vans.errors import Cancelled, InputError
 from vans.progress import quiet, use_cancel_check, use_reporter
 from vans.video import (
+    FramePick,
+    pick_indices,
     probe,
+    read_clip,
     read_video,
     resample_indices,
     resize_frames,
@@ -226,6 +229,26 @@ def test_fps_resamples_and_max_frames_caps(tmp_path):
     assert_source_frames(read_video(tmp_path / "grey.mp4", max_frames=3), levels, [0, 1, 2])
     # with num_frames the cap lowers the count, still spread over the whole clip
     assert_source_frames(read_video(tmp_path / "grey.mp4", num_frames=6, max_frames=3), levels, [0, 6, 11])
+
+
+def test_vdm_frame_pick_modes(tmp_path):
+    """The VDM's view of a clip (FramePick): the first frames at 11 fps by default, the first native frames, or
+    spread over the whole clip; a short clip repeats its last picked frame."""
+    levels = write_grey_clip(tmp_path / "grey.mp4", 30, fps=22)
+    default = read_clip(tmp_path / "grey.mp4", 5, 16, 16)
+    assert (FramePick().mode, FramePick().fps) == ("fps", 11.0)
+    assert_source_frames(default, levels, [0, 2, 4, 6, 8])  # every other frame of a 22 fps clip, from the start
+    assert default.fps == 11.0 and default.frames.shape == (5, 16, 16, 3)
+    assert_source_frames(read_clip(tmp_path / "grey.mp4", 5, 16, 16, FramePick("first")), levels, [0, 1, 2, 3, 4])
+    assert_source_frames(read_clip(tmp_path / "grey.mp4", 5, 16, 16, FramePick("spread")), levels,
+                         sample_indices(30, 5))
+    # 33 frames at 11 fps need 3 s; a 30-frame 22 fps clip lasts 1.36 s: its 15 ticks, then the last one repeated
+    assert pick_indices(30, 22.0, 33, FramePick()) == [2 * k for k in range(15)] + [28] * 18
+    assert pick_indices(3, 30.0, 5, FramePick("first")) == [0, 1, 2, 2, 2]
+    with pytest.raises(InputError, match="frame_pick='middle'"):
+        read_clip(tmp_path / "grey.mp4", 5, 16, 16, FramePick("middle"))
+    with pytest.raises(InputError, match="pick_fps=0"):
+        FramePick("fps", 0).validate()
 
 
 def test_read_resizes_while_decoding(tmp_path):

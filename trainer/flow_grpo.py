@@ -12,7 +12,9 @@ with KL between the two Gaussian steps of equal covariance (``vans.sampling.gaus
 elements of ‖μ_θ − μ_ref‖² / (2·std²)), ε = 1e-3 and β = 0.004 (VANS / Flow-GRPO Wan). Advantages come
 from ``vans.rewards.group_advantages`` and are clipped to ±``adv_clip``.
 
-Step selection (``plan_steps``): ``all`` (SDE and train every step), ``fraction`` (SDE everywhere, train a
+Step selection (``plan_steps``): ``all`` (SDE at every step, train every step but the last, K − 1 steps: the
+Flow-GRPO trainer trains ``int(K · timestep_fraction)`` steps with ``timestep_fraction = 0.99``, i.e. it
+never trains the final σ → 0 transition), ``fraction`` (SDE everywhere, train a
 random subset of ⌊K·fraction⌋ steps, DanceGRPO) or ``window`` (Flow-GRPO-Fast: ODE, then ``window_size``
 SDE steps starting at a random step inside the high-noise range, then ODE; only the SDE steps train).
 The chosen steps are shared by the whole group, so advantages are not confounded by step difficulty.
@@ -46,8 +48,8 @@ def plan_steps(num_steps: int, selection: str = "all", *, fraction: float = 1.0,
     """Draw the SDE / trained steps for one group (see the module docstring)."""
     if num_steps < 1:
         raise InputError(f"steps={num_steps}: a rollout needs at least one step")
-    if selection == "all":
-        return StepPlan(None, list(range(num_steps)))
+    if selection == "all":  # all but the last step (Flow-GRPO: int(K · 0.99)); one step: that step
+        return StepPlan(None, list(range(max(1, num_steps - 1))))
     if selection == "fraction":
         if not 0 < fraction <= 1:
             raise InputError(f"train_fraction={fraction}: must be in (0, 1]")

@@ -95,6 +95,9 @@ class RenderSection:
     guidance: float = doc(5.0, "classifier-free guidance scale (1 = off, half the DiT calls)")
     shift: float = doc(5.0, "flow-matching timestep shift")
     batch: int = doc(8, "captions rendered per DiT batch")
+    frame_pick: str = doc("fps", "frames of the input and GT clips the video model / CLIP-V see: fps (the first "
+                                 "num_frames at pick_fps; VANS default), first (native rate) or spread (whole clip)")
+    pick_fps: float = doc(11.0, "frame rate of frame_pick=fps (VANS answers are 11 fps)")
     same_noise: bool = doc(True, "one initial noise for the whole group, so renders differ by caption only")
     offload: bool = doc(False, "keep models on the CPU between uses (saves GPU memory, costs transfers)")
 
@@ -217,31 +220,37 @@ class Stage1Policy:
 
     # -- cached per-sample inputs -----------------------------------------------------------------------
 
-    def _context(self, sample: Sample) -> torch.Tensor:
-        from vans.video import read_video
+    def _frame_pick(self):
+        from vans.video import FramePick
 
-        s = self.settings
+        pick = FramePick(self.cfg.render.frame_pick, self.cfg.render.pick_fps)
+        pick.validate()
+        return pick
+
+    def _context(self, sample: Sample) -> torch.Tensor:
+        from vans.video import read_clip
+
+        s, pick = self.settings, self._frame_pick()
 
         def compute():
-            clip = read_video(sample.video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
-                              what="input video")
+            clip = read_clip(sample.video, s.num_frames, s.height, s.width, pick, what="input video")
             return self.generator.encode_context(clip.frames, s.num_context).float().cpu()
 
         key = (Path(sample.video), Path(self.paths.vae), s.height, s.width, s.num_frames, s.num_context,
-               str(self.runtime.dtype))
+               str(self.runtime.dtype), pick.mode, pick.fps)
         return self.cache.get_or_compute("context", key, compute).to(self.runtime.device, self.runtime.dtype)
 
     def _gt_features(self, sample: Sample) -> torch.Tensor:
-        from vans.video import read_video
+        from vans.video import read_clip
 
-        s = self.settings
+        s, pick = self.settings, self._frame_pick()
 
-        def compute():
-            clip = read_video(sample.gt_video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
-                              what="ground-truth video")
+        def compute():  # the GT clip seen as the renders are: same frames, same crop (as vans eval)
+            clip = read_clip(sample.gt_video, s.num_frames, s.height, s.width, pick, what="ground-truth video")
             return self.clip.image_features(clip.frames).float().cpu()
 
-        key = (Path(sample.gt_video), Path(self.paths.clip), s.height, s.width, s.num_frames)
+        key = (Path(sample.gt_video), Path(self.paths.clip), self.clip.arch, s.height, s.width, s.num_frames,
+               pick.mode, pick.fps)
         return self.cache.get_or_compute("gt_clip", key, compute)
 
     def _negative_prompt(self) -> None:
@@ -395,16 +404,17 @@ class Stage1Policy:
     # -- export -----------------------------------------------------------------------------------------
 
     def export(self, out_dir: Path) -> dict[str, str]:
-        from vans.checkpoints import save_state_dict
+        from vans.checkpoints import save_state_dict, start_checkpoint_metadata
         from vans.lora import merged_state_dict, save_lora
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        start = self.paths.vlm_checkpoint.name if self.paths.vlm_checkpoint else "none"
+        start_meta = start_checkpoint_metadata(self.paths.vlm_checkpoint)
+        start = start_meta["start_checkpoint"]
         written = {}
-        if self.cfg.export.adapter:
+        if self.cfg.export.adapter:  # a delta on the start weights: loading it applies the recorded start first
             written["adapter"] = str(save_lora(self.captioner.model, out_dir / "vlm_lora.safetensors",
-                                               extra_metadata={"start_checkpoint": start, "stage": "1"}))
+                                               extra_metadata={**start_meta, "stage": "1"}))
         if self.cfg.export.merged:
             merged = merged_state_dict(self.captioner.model)
             written["merged"] = str(save_state_dict(merged, out_dir / "vlm_merged.safetensors",

@@ -74,6 +74,9 @@ class VideoSection:
                                "half the DiT calls)")
     shift: float = doc(5.0, "flow-matching schedule shift (Wan: 5)")
     negative_prompt: str = doc("", "negative prompt for CFG (empty = Wan's default negative prompt)")
+    frame_pick: str = doc("fps", "frames of the input and GT clips the video model / CLIP-V see: fps (the first "
+                                 "num_frames at pick_fps; VANS default), first (native rate) or spread (whole clip)")
+    pick_fps: float = doc(11.0, "frame rate of frame_pick=fps (VANS answers are 11 fps)")
 
 
 @dataclass
@@ -145,7 +148,8 @@ class Stage2Config:
                               "(see vans.models.ROLES for the file names)")
     dit: str = doc("", "DiT file to start from (default: found in models_dir); e.g. the VANS vdm.safetensors")
     vlm: str = doc("", "Qwen2.5-VL folder (default: found in models_dir)")
-    vlm_checkpoint: str = doc("", "stage-1 VLM export (LoRA or merged; default: vlm.safetensors in models_dir)")
+    vlm_checkpoint: str = doc("", "stage-1 VLM export: runs/stage1/export/vlm_merged.safetensors, or vlm_lora.safetensors (its "
+                                        "recorded start checkpoint is applied first); default: vlm.safetensors in models_dir")
     clip: str = doc("", "reward CLIP file (default: found in models_dir)")
     data: DataConfig = section(DataConfig, "dataset")
     run: Stage2RunConfig = section(Stage2RunConfig, "run length, output, checkpoints, device")
@@ -428,36 +432,43 @@ class Stage2Policy:
         return self._captioner
 
     def _context(self, sample) -> torch.Tensor:
-        from vans.video import read_video
+        from vans.video import read_clip
 
-        s = self.settings
+        s, pick = self.settings, self._frame_pick()
         key = (sample.id, sample.video)
         cached = self._contexts.get(key)
         if cached is None:
             def encode() -> torch.Tensor:
-                clip = read_video(sample.video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
-                                  min_frames=1, what="input video")
+                clip = read_clip(sample.video, s.num_frames, s.height, s.width, pick, what="input video")
                 return self.generator.encode_context(clip.frames, s.num_context).float().cpu()
 
             latents = self.cache.get_or_compute("stage2_context", [Path(sample.video), Path(self.paths.vae),
-                                                                   s.num_frames, s.height, s.width, s.num_context],
+                                                                   s.num_frames, s.height, s.width, s.num_context,
+                                                                   pick.mode, pick.fps],
                                                 encode)
             cached = self._contexts.put(key, latents.to(self.device, self.dtype))
         return cached
 
-    def _gt_features(self, sample) -> torch.Tensor:
-        from vans.video import read_video
+    def _frame_pick(self):
+        from vans.video import FramePick
 
-        s = self.settings
+        pick = FramePick(self.cfg.video.frame_pick, self.cfg.video.pick_fps)
+        pick.validate()
+        return pick
+
+    def _gt_features(self, sample) -> torch.Tensor:
+        from vans.video import read_clip
+
+        s, pick = self.settings, self._frame_pick()
         scorer = self._scorer()
 
-        def encode() -> torch.Tensor:
-            clip = read_video(sample.gt_video, num_frames=s.num_frames, size=(s.height, s.width), resize="crop",
-                              min_frames=1, what="ground-truth video")
+        def encode() -> torch.Tensor:  # the GT clip seen as the rollouts are: same frames, same crop (as vans eval)
+            clip = read_clip(sample.gt_video, s.num_frames, s.height, s.width, pick, what="ground-truth video")
             return scorer.image_features(clip.frames, self.cfg.reward.clip_batch).float().cpu()
 
         return self.cache.get_or_compute("stage2_clip_gt", [Path(sample.gt_video), Path(self.paths.clip),
-                                                            self.cfg.reward.clip_arch, s.num_frames, s.height, s.width],
+                                                            scorer.arch, s.num_frames, s.height, s.width,
+                                                            pick.mode, pick.fps],
                                          encode)
 
     def _scorer(self):

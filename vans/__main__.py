@@ -61,6 +61,10 @@ def _answer_parser(sub) -> None:
     s.add_argument("--temperature", type=float, help="VLM sampling temperature (default 0.7)")
     s.add_argument("--top-p", type=float, help="VLM nucleus sampling (default 0.9)")
     s.add_argument("--max-new-tokens", type=int, help="VLM token budget (default 1024)")
+    s.add_argument("--frame-pick", choices=("fps", "first", "spread"),
+                   help="which frames of the input clip the video model sees: fps (the first --frames at --pick-fps, "
+                        "default), first (the first --frames at the native rate) or spread (over the whole clip)")
+    s.add_argument("--pick-fps", type=float, help="frame rate of --frame-pick fps (default 11, the answer's rate)")
     s.add_argument("--system-prompt", choices=("official", "paper"),
                    help="VLM system prompt: official (the official code's wording, which the released weights were "
                         "trained with; default) or paper (the paper's App. C.2 wording)")
@@ -93,6 +97,11 @@ def _settings(args):
         value = getattr(args, arg)
         if value is not None:
             setattr(target, attr, value)
+    if args.frame_pick or args.pick_fps:
+        from .video import FramePick
+
+        settings.frame_pick = FramePick(args.frame_pick or settings.frame_pick.mode,
+                                        args.pick_fps if args.pick_fps is not None else settings.frame_pick.fps)
     return settings
 
 
@@ -120,6 +129,7 @@ def run_answer(args) -> int:
     require(paths, ("dit", "text_encoder", "vae", "vlm"), models_dir)
     settings = _settings(args)
     settings.video.validate()
+    settings.frame_pick.validate()
     from .prompts import validate_question
 
     validate_question(question)

@@ -461,7 +461,11 @@ class Captioner:
         _check_decoding(decoding)
         if temperature <= 0:
             return True
-        return decoding == "official" and getattr(self._official_base(), "top_k", None) == 1
+        if decoding != "official":
+            return False
+        config = self._official_config(temperature=temperature, top_p=1.0, max_new_tokens=1, num_sequences=1)
+        config.update(**_global_generation_defaults(), defaults_only=True)
+        return config.top_k == 1
 
     def decoding_summary(self, decoding: str, temperature: float, top_p: float) -> dict:
         """The sampling fields that really apply in ``decoding`` mode, for output records."""
@@ -471,6 +475,7 @@ class Captioner:
                       "repetition_penalty": 1.0}
         else:
             config = self._official_config(temperature=temperature, top_p=top_p, max_new_tokens=1, num_sequences=1)
+            config.update(**_global_generation_defaults(), defaults_only=True)  # what generate() fills in
             fields = {k: getattr(config, k, None) for k in ("do_sample", "temperature", "top_p", "top_k",
                                                             "repetition_penalty")}
         return {"mode": decoding, **fields, "deterministic": self.is_deterministic(decoding, temperature)}
@@ -488,7 +493,6 @@ class Captioner:
         import copy
 
         config = copy.deepcopy(self._official_base())
-        config.update(**_global_generation_defaults(), defaults_only=True)
         if temperature > 0:
             config.update(do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         else:
@@ -510,7 +514,7 @@ class Captioner:
         self._on_device()
         inputs = prompt.to(self.device, self._vision_dtype)
         recorder = None
-        if decoding == "official":
+        if decoding == "official":  # generate() fills the fields still unset with transformers' defaults
             config = self._official_config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                            num_sequences=num_sequences)
             processors = LogitsProcessorList()
@@ -728,7 +732,11 @@ def load_captioner(folder: str | os.PathLike, *, checkpoint: str | os.PathLike |
     model.generation_config = _neutral_generation_config(model, folder)
     report = None
     if checkpoint is not None:
-        report = load_vlm_checkpoint(model, checkpoint, allow_pickle=allow_pickle)
+        from .checkpoints import checkpoint_chain
+
+        # an adapter export first applies the checkpoint it was trained on top of (recorded in its metadata)
+        for path in checkpoint_chain(checkpoint):
+            report = load_vlm_checkpoint(model, path, allow_pickle=allow_pickle)
         if report.shape_mismatched:
             raise ModelFileError(
                 f"VANS VLM checkpoint {Path(checkpoint).name} was made for a different model size: "

@@ -112,3 +112,70 @@ def save_state_dict(
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
     return path
+
+
+# -- adapters and the weights they were trained on ------------------------------------------------------
+
+ADAPTER_FORMAT = "vans-lora"  # safetensors metadata "format" of vans.lora.save_lora
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a (possibly multi-GB) weight file: its size and the SHA-256 of its first and last
+    MiB, which cover the safetensors header (names, shapes, offsets) and the last tensors' bytes."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            digest.update(f.read())
+    return f"{size}:{digest.hexdigest()[:32]}"
+
+
+def start_checkpoint_metadata(start: str | os.PathLike | None) -> dict[str, str]:
+    """Metadata an adapter export records about the weights it was trained on top of (``"none"``: the base)."""
+    if not start:
+        return {"start_checkpoint": "none"}
+    start = Path(start).resolve()
+    return {"start_checkpoint": start.name, "start_checkpoint_path": str(start),
+            "start_checkpoint_fingerprint": file_fingerprint(start)}
+
+
+def checkpoint_chain(path: str | os.PathLike) -> list[Path]:
+    """The files to apply, in order, to base weights to get what ``path`` was trained into.
+
+    An adapter (``format = vans-lora``) is a delta on the weights it was trained from, which it records in its
+    metadata (``start_checkpoint``, ``_path``, ``_fingerprint``): that start is applied first (and its own start
+    before it), looked up at the recorded path, then beside the adapter. A recorded start that cannot be found,
+    or whose fingerprint differs, is refused: the delta alone on other weights is a different model, silently.
+    Any other file (the VANS ``vlm.safetensors``, a merged export, plain weights) stands alone.
+    """
+    path = Path(path)
+    chain: list[Path] = [path]
+    seen = {path.resolve()}
+    while True:
+        current = chain[0]
+        meta = read_metadata(current) if current.suffix == ".safetensors" else {}
+        name = meta.get("start_checkpoint", "none")
+        if meta.get("format") != ADAPTER_FORMAT or name in ("", "none"):
+            return chain
+        candidates = [Path(meta["start_checkpoint_path"])] if meta.get("start_checkpoint_path") else []
+        candidates.append(current.parent / name)
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ModelFileError(
+                f"{current.name} is a LoRA adapter trained on top of {name}, which was not found "
+                f"(looked at {', '.join(str(c) for c in candidates)}); put {name} there, or load the merged "
+                f"export (vlm_merged.safetensors) instead of the adapter")
+        expected = meta.get("start_checkpoint_fingerprint")
+        if expected and file_fingerprint(found) != expected:
+            raise ModelFileError(
+                f"{current.name} was trained on top of a {name} that differs from {found} (fingerprint "
+                f"mismatch); use the file it was trained from, or load the merged export (vlm_merged.safetensors)")
+        if found.resolve() in seen:
+            raise ModelFileError(f"{current.name}: its start checkpoint {found} refers back to itself")
+        seen.add(found.resolve())
+        chain.insert(0, found)

@@ -10,7 +10,9 @@ Metrics (VANS.md §8; the paper leaves tokenisation and averaging open, the choi
 
 * BLEU@1–4: corpus-level cumulative BLEU (``vans.rewards.corpus_bleu``); the per-item plot uses sentence BLEU;
 * ROUGE-L: mean of the per-item F-measure (``vans.rewards.rouge_l``);
-* CLIP-V / CLIP-T: ``vans.clip.ClipScorer`` (``--clip``, open_clip ViT-B/32 safetensors), per item, averaged;
+* CLIP-V / CLIP-T: ``vans.clip.ClipScorer`` (``--clip``, open_clip ViT-B/32 safetensors; ``--clip-arch``, OpenAI's
+  QuickGELU model by default), per item, averaged. CLIP-V reads the GT clip exactly as both training rewards do
+  (``vans.video.read_clip``: the answer's frame count, ``--frame-pick``, cropped to the answer's size);
   CLIP-T scores the generated frames against the GT caption (``--clip-t-text pred`` for the predicted one);
 * FVD: Fréchet distance of I3D features of the generated vs the GT clips (``--i3d``, a user-provided
   safetensors file; ``vans.i3d``), each clip resampled to ``--fvd-frames`` frames (default 16) at 224×224.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from .batch import DONE, Item, load_manifest, read_results
 from .errors import InputError
+from .rewards import ROUGE_L_VARIANT
 
 METRICS = ("B@1", "B@2", "B@3", "B@4", "R-L", "FVD", "CLIP-V", "CLIP-T")
 DEFAULT_SPLIT = "all"
@@ -116,8 +119,13 @@ def _video_problem(pairs: list[Pair], need_gt: bool) -> str | None:
     return None
 
 
-def clip_metrics(pairs: list[Pair], scorer, text: str = "gt") -> tuple[dict, dict]:
-    """CLIP-V (needs GT videos) and CLIP-T, means over items; (values, skip reasons)."""
+def clip_metrics(pairs: list[Pair], scorer, text: str = "gt", pick=None) -> tuple[dict, dict]:
+    """CLIP-V (needs GT videos) and CLIP-T, means over items; (values, skip reasons).
+
+    CLIP-V compares each generated frame with the GT clip seen exactly as the training rewards see it
+    (``vans.video.read_clip``): as many frames as the answer, picked by ``pick``, cropped to the answer's size."""
+    from .video import read_clip, read_video
+
     values, skipped = {}, {}
     problem = _video_problem(pairs, need_gt=False)
     if problem:
@@ -126,9 +134,11 @@ def clip_metrics(pairs: list[Pair], scorer, text: str = "gt") -> tuple[dict, dic
     if gt_problem:
         skipped["CLIP-V"] = gt_problem
     for pair in pairs:
-        frames = _read(pair.video)
+        frames = read_video(pair.video, what="generated video").frames
         if "CLIP-V" not in skipped:
-            pair.scores["CLIP-V"] = scorer.clip_v(frames, _read(pair.gt_video))
+            gt = read_clip(pair.gt_video, frames.shape[0], frames.shape[1], frames.shape[2], pick,
+                           what="ground-truth video").frames
+            pair.scores["CLIP-V"] = scorer.clip_v(frames, gt)
         pair.scores["CLIP-T"] = scorer.clip_t(frames, pair.reference if text == "gt" else pair.caption)
     for name in ("CLIP-V", "CLIP-T"):
         if name not in skipped:
@@ -179,6 +189,8 @@ def markdown_table(table: dict) -> str:
         lines += ["Notes:", *notes, ""]
     lines.append("BLEU: corpus-level cumulative BLEU@n; ROUGE-L, CLIP-V, CLIP-T: means over items "
                  f"(CLIP-T against the {table['settings']['clip_t_text']} caption); FVD lower is better.")
+    lines.append(f"ROUGE-L: {table['settings'].get('rouge_l', ROUGE_L_VARIANT)}. "
+                 f"CLIP: {table['settings'].get('clip_arch') or 'not run'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +234,8 @@ def plot_scores(table: dict, path: Path) -> str:
 class EvalSettings:
     clip: str | None = None
     clip_arch: str = "auto"  # vans.clip.resolve_clip_arch
+    frame_pick: str = "fps"  # the GT clip for CLIP-V, as in training (vans.video.FramePick)
+    pick_fps: float = 11.0
     i3d: str | None = None
     device: str = "cpu"
     clip_t_text: str = "gt"
@@ -243,6 +257,10 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
     truth = load_manifest(truth_path)
     if not any(item.ground_truth for item in truth):
         raise InputError(f"ground truth {truth_path} has no GT captions (ENG_GT_Caption / ground_truth column)")
+    from .video import FramePick
+
+    pick = FramePick(settings.frame_pick, settings.pick_fps)
+    pick.validate()
     clip_path, clip_reason = _model_or_reason(settings.clip, "CLIP", "--clip")
     i3d_path, i3d_reason = _model_or_reason(settings.i3d, "I3D", "--i3d")
     scorer = i3d = None
@@ -259,7 +277,7 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
         if reason:
             log(reason)
     table = {"splits": {}, "skipped": {}, "left_out": {}, "items": {},
-             "settings": {"clip": settings.clip, "clip_arch": scorer.arch if scorer else settings.clip_arch,
+             "settings": {"rouge_l": ROUGE_L_VARIANT, "frame_pick": pick.mode, "pick_fps": pick.fps, "clip": settings.clip, "clip_arch": scorer.arch if scorer else settings.clip_arch,
                           "i3d": settings.i3d, "clip_t_text": settings.clip_t_text,
                           "fvd_frames": settings.fvd_frames, "fvd_size": settings.fvd_size,
                           "ground_truth": str(truth_path)}}
@@ -273,7 +291,7 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
             group = [p for p in pairs if p.split == split]
             metrics, skipped = text_metrics(group), {}
             if scorer is not None:
-                values, why = clip_metrics(group, scorer, settings.clip_t_text)
+                values, why = clip_metrics(group, scorer, settings.clip_t_text, pick)
                 metrics.update(values)
                 skipped.update(why)
             else:
@@ -303,6 +321,10 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-arch", choices=("auto", "ViT-B-32-quickgelu", "ViT-B-32"), default="auto",
                    help="CLIP activation: ViT-B-32-quickgelu for OpenAI weights (the paper's CLIP), ViT-B-32 for LAION "
                         "weights; auto reads open_clip_config.json beside the file or the file name, else assumes OpenAI")
+    p.add_argument("--frame-pick", choices=("fps", "first", "spread"), default="fps",
+                   help="frames of each GT clip that CLIP-V compares with the answer, as in training: fps (the first "
+                        "frames at --pick-fps, default), first (native rate) or spread (over the whole clip)")
+    p.add_argument("--pick-fps", type=float, default=11.0, help="frame rate of --frame-pick fps (default 11)")
     p.add_argument("--i3d", help="I3D safetensors (PyTorch I3D key layout) for FVD (skipped without it)")
     p.add_argument("--device", default="cpu", help="device for CLIP and I3D (default cpu)")
     p.add_argument("--clip-t-text", choices=("gt", "pred"), default="gt", help="caption CLIP-T compares with (default gt)")
@@ -318,7 +340,8 @@ def run(args) -> int:
     names = args.name or [p.parent.name or p.stem for p in results]
     if len(names) != len(results):
         raise InputError(f"got {len(names)} --name for {len(results)} results files; give one per file or none")
-    settings = EvalSettings(clip=args.clip, clip_arch=args.clip_arch, i3d=args.i3d, device=args.device, clip_t_text=args.clip_t_text,
+    settings = EvalSettings(clip=args.clip, clip_arch=args.clip_arch, frame_pick=args.frame_pick, pick_fps=args.pick_fps,
+                            i3d=args.i3d, device=args.device, clip_t_text=args.clip_t_text,
                             fvd_frames=args.fvd_frames, fvd_size=args.fvd_size)
     table = evaluate(results, names, Path(args.gt), settings)
     out = Path(args.out)

@@ -18,6 +18,7 @@ import torch
 from .errors import InputError
 from .generator import GenerationSettings, VideoGenerator
 from .models import ModelPaths
+from .video import FramePick
 
 
 @dataclass
@@ -38,6 +39,7 @@ class CaptionSettings:
 class AnswerSettings:
     caption: CaptionSettings = field(default_factory=CaptionSettings)
     video: GenerationSettings = field(default_factory=GenerationSettings)
+    frame_pick: FramePick = field(default_factory=FramePick)  # the VDM's view of the input clip
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -100,20 +102,22 @@ def load_models(paths: ModelPaths, *, device: torch.device, dtype: torch.dtype, 
 def answer(models: VansModels, video_path: str | os.PathLike, question: str,
            settings: AnswerSettings | None = None) -> Answer:
     from .prompts import system_prompt_text, validate_question
-    from .video import read_video
+    from .video import read_clip, read_video
 
     question = validate_question(question)
     settings = settings or AnswerSettings()
     system_prompt = system_prompt_text(settings.caption.system_prompt)
     settings.video.validate()
+    settings.frame_pick.validate()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     vs = settings.video
-    # The VLM reads 6 frames of the whole clip at up to 768·28·28 pixels; the VDM reads 33 frames at 352×640.
+    # The VLM reads 6 frames of the whole clip at up to 768·28·28 pixels; the VDM reads 33 frames at 352×640
+    # picked by settings.frame_pick (default: the first 3 s at 11 fps, see vans.video.FramePick).
     vlm_clip = read_video(video_path, num_frames=settings.caption.num_frames, min_frames=settings.caption.num_frames,
                           what="video")
-    vdm_clip = read_video(video_path, num_frames=vs.num_frames, size=(vs.height, vs.width), resize="crop",
-                          min_frames=settings.caption.num_frames, what="video")
+    vdm_clip = read_clip(video_path, vs.num_frames, vs.height, vs.width, settings.frame_pick,
+                         min_frames=settings.caption.num_frames, what="video")
     timings["decode_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -52,6 +52,11 @@ def extract_caption(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# The variant, named in every evaluation table (the paper names none): rouge-score's "rougeL" (LCS over the
+# whole text, not the sentence-split "rougeLsum"), F-measure with beta 1, Porter stemmer, lowercase [a-z0-9] tokens.
+ROUGE_L_VARIANT = "rouge-score rougeL F-measure (beta 1, LCS over the whole text), Porter stemmer, lowercase [a-z0-9] tokens"
+
+
 @functools.lru_cache(maxsize=1)
 def _rouge_l_scorer():
     """One scorer per process. Porter stemming on: a reward should not punish "cuts" vs "cut", and the

@@ -5,18 +5,20 @@ tensor ``[T, H, W, C]`` in 0..1 with C = 3.
 
 Frame picking (``read_video``):
 
-* ``num_frames=N``: N frames spread evenly over the **whole** clip, source indices
-  ``round(linspace(0, n_total - 1, N))`` (``sample_indices``). This is the VANS rule: the VLM sees 6
-  frames of the whole clip; for the VDM we decided the same rule with 33 frames (the official code
-  does not say how its dataset picks them). A clip shorter than N frames gets repeated indices, so
-  frames are duplicated evenly (our padding rule); use ``min_frames`` to refuse such clips instead.
+* ``num_frames=N``: N frames picked by ``pick`` (``FRAME_PICKS``):
+  - ``"spread"``: spread evenly over the **whole** clip, source indices ``round(linspace(0, n_total - 1, N))``
+    (``sample_indices``). The VLM's rule (the official qwen_vl_utils patch: 6 frames of the whole clip).
+  - ``"fps"``: the first N frames of the clip resampled to ``pick_fps`` (default 11): the VDM's default view
+    of a clip (``FramePick``, where the choice is explained).
+  - ``"first"``: the first N consecutive frames at the native rate (DiffSynth's ``VideoDataset``).
+  A clip with fewer than N such frames repeats frames to fill N (evenly for ``spread``, the last frame for
+  the others); use ``min_frames`` to refuse such clips instead.
 * ``fps=R``: resample to R frames per second, the source frame nearest each 1/R tick (assumes a
   constant frame rate: tick k takes frame ``round(k * source_fps / R)``; a variable-rate file is
   treated at its average rate).
 * neither: every frame.
 * ``max_frames``: caps the count ("0 disables", the VideoHelperSuite convention). With ``fps`` or all
-  frames it keeps the first ``max_frames``; with ``num_frames`` it lowers N, still spread over the
-  whole clip.
+  frames it keeps the first ``max_frames``; with ``num_frames`` it lowers N.
 
 Memory stays bounded by the output: frames are decoded one at a time, only the picked ones are
 converted to RGB, resized right away (swscale, bicubic, antialiased when shrinking) and written into
@@ -110,19 +112,64 @@ def resample_indices(n_total: int, source_fps: float, fps: float) -> list[int]:
     return [min(n_total - 1, int(math.floor(k * step + 0.5))) for k in range(count)]  # ties go to the later frame
 
 
+FRAME_PICKS = ("fps", "first", "spread")
+
+
+@dataclass(frozen=True)
+class FramePick:
+    """How the VDM sees a clip: the input clip whose latents become the context, and the GT clip that CLIP-V
+    compares an answer with (one rule for the CLI, the node, both trainer stages and ``vans eval``).
+
+    Default ``fps`` at 11 fps from the start of the clip. Evidence (the official ``VideoDataset`` that picks the
+    33 frames is not in the VANS repository): its ancestor, DiffSynth-Studio's ``VideoDataset``, takes the first
+    N frames from the start (2.0 adds resampling to a fixed frame rate); the official inference saves every
+    answer at 11 fps; and VANS-Data drops target segments shorter than 3 s, exactly what 33 frames at 11 fps
+    need. So the released VDM most likely saw 3 s at 11 fps. ``first`` (native rate, DiffSynth 1.x) and
+    ``spread`` (33 frames over the whole clip, this project's earlier default) stay selectable.
+    """
+
+    mode: str = "fps"
+    fps: float = 11.0
+
+    def validate(self) -> None:
+        if self.mode not in FRAME_PICKS:
+            raise InputError(f"frame_pick={self.mode!r}: use one of {', '.join(FRAME_PICKS)} (fps = the first frames "
+                             "at pick_fps, first = the first frames at the native rate, spread = over the whole clip)")
+        if self.mode == "fps" and not (isinstance(self.fps, numbers.Real) and math.isfinite(self.fps) and self.fps > 0):
+            raise InputError(f"pick_fps={self.fps!r}: must be a positive frame rate (VANS: 11)")
+
+
+def pick_indices(n_total: int, source_fps: float, num_frames: int, pick: FramePick) -> list[int]:
+    """``num_frames`` source indices by ``pick`` (see the module docstring), padded to ``num_frames``."""
+    if pick.mode == "spread":
+        return sample_indices(n_total, num_frames)
+    if n_total < 1:
+        raise InputError(f"cannot pick frames from a clip with {n_total} frames; use a clip with at least one frame")
+    if pick.mode == "first":
+        picked = list(range(min(n_total, num_frames)))
+    else:
+        picked = resample_indices(n_total, source_fps, pick.fps)[:num_frames]
+    return picked + [picked[-1]] * (num_frames - len(picked))
+
+
 def _pick_indices(n_total: int, source_fps: float, num_frames: int | None, fps: float | None,
-                  max_frames: int) -> list[int]:
+                  max_frames: int, pick: FramePick) -> list[int]:
     if num_frames is not None:
         count = min(num_frames, max_frames) if max_frames else num_frames
-        return sample_indices(n_total, count)
+        return pick_indices(n_total, source_fps, count, pick)
     picked = resample_indices(n_total, source_fps, fps) if fps is not None else list(range(n_total))
     return picked[:max_frames] if max_frames else picked
 
 
-def _output_fps(source_fps: float, n_total: int, count: int, num_frames: int | None, fps: float | None) -> float:
+def _output_fps(source_fps: float, n_total: int, count: int, num_frames: int | None, fps: float | None,
+                pick: FramePick) -> float:
     if fps is not None:
         return float(fps)
     if num_frames is not None:
+        if pick.mode == "fps":
+            return float(pick.fps)
+        if pick.mode == "first":
+            return source_fps
         # N frames standing for the whole clip: the rate that keeps the clip's duration (as qwen_vl_utils).
         return source_fps * count / n_total
     return source_fps
@@ -435,15 +482,18 @@ def _require_frames(name: str, what: str, found: int, min_frames: int) -> None:
 
 def read_video(path: str | os.PathLike, *, num_frames: int | None = None, fps: float | None = None,
                size: tuple[int, int] | None = None, resize: str = "crop", max_frames: int = 0,
-               min_frames: int = 1, what: str = "video") -> Video:
+               min_frames: int = 1, what: str = "video", pick: FramePick | None = None) -> Video:
     """Decode the picked frames of a video, resized while decoding (see the module doc for the rules).
 
     ``size=(H, W)``: ``resize="crop"`` scales to cover and center-crops to exactly H x W (the VDM's
     352 x 640); ``"fit"`` keeps the aspect ratio inside H x W and never enlarges (the VLM path, which
     does its own smart_resize later). ``min_frames``: refuse clips with fewer source frames.
-    ``what`` names the input in error messages.
+    ``what`` names the input in error messages. ``pick`` says how ``num_frames`` are picked (default: spread
+    over the whole clip); ``read_clip`` reads the VDM's view.
     """
     _check_read_settings(num_frames, fps, max_frames, min_frames)
+    pick = pick or FramePick("spread")
+    pick.validate()
     size = _check_size(size)
     resize = _check_resize(resize)
     info = probe(path, what=what)
@@ -452,8 +502,11 @@ def read_video(path: str | os.PathLike, *, num_frames: int | None = None, fps: f
     if fps is not None and not info.fps > 0:
         raise InputError(f"{what} file {name} has no usable frame rate, so it cannot be resampled to {fps} fps; "
                          "use num_frames instead")
+    if num_frames is not None and pick.mode == "fps" and not info.fps > 0:
+        raise InputError(f"{what} file {name} has no usable frame rate, so frames cannot be picked at {pick.fps} fps; "
+                         "re-export it, or use frame_pick first or spread")
 
-    indices = _pick_indices(info.frames, info.fps, num_frames, fps, max_frames)
+    indices = _pick_indices(info.frames, info.fps, num_frames, fps, max_frames, pick)
     picker, decoded, damage = _decode_pass(path, what, indices, size, resize)
     short = decoded <= indices[-1]  # the file ended before the container said it would
     if decoded == 0:
@@ -461,7 +514,7 @@ def read_video(path: str | os.PathLike, *, num_frames: int | None = None, fps: f
     if short:
         _require_frames(name, what, decoded, min_frames)
         if num_frames is not None:  # spread over the frames that really exist: one more pass
-            indices = _pick_indices(decoded, info.fps, num_frames, fps, max_frames)
+            indices = _pick_indices(decoded, info.fps, num_frames, fps, max_frames, pick)
             picker, decoded_again, more_damage = _decode_pass(path, what, indices, size, resize)
             if decoded_again <= indices[-1]:
                 raise InputError(f"{what} file {name} decodes differently on each read (corrupt); re-export it")
@@ -474,8 +527,16 @@ def read_video(path: str | os.PathLike, *, num_frames: int | None = None, fps: f
                     what, name, damage[0] if damage else "ends early", decoded)
     source_frames = decoded if short else info.frames
     frames = picker.out[:len(indices)]
-    return Video(frames=frames, fps=_output_fps(info.fps, source_frames, len(indices), num_frames, fps),
+    return Video(frames=frames, fps=_output_fps(info.fps, source_frames, len(indices), num_frames, fps, pick),
                  source_fps=info.fps, source_frames=source_frames, indices=indices, complete=complete)
+
+
+def read_clip(path: str | os.PathLike, num_frames: int, height: int, width: int, pick: FramePick | None = None, *,
+              what: str = "video", min_frames: int = 1) -> Video:
+    """The VDM's view of a clip: ``num_frames`` frames picked by ``pick`` (default ``FramePick()``), scaled to
+    cover height×width and centre-cropped. Used for the input clip (context latents) and the GT clip (CLIP-V)."""
+    return read_video(path, num_frames=num_frames, size=(height, width), resize="crop", pick=pick or FramePick(),
+                      what=what, min_frames=min_frames)
 
 
 # ----------------------------------------------------------------------------- writing
