@@ -476,6 +476,7 @@ def test_batch_completes_downloads_and_resumes(tmp_path, fake):
         assert r["video"] == f"videos/item{i}.mp4"
         assert (out / r["video"]).read_bytes() == b"MP4" + r["question"].encode()
         assert r["seconds"] > 0 and r["server"] == fake.url
+        assert r["vlm"] == {"system_prompt": "official", "decoding": "official"}  # what the caption node ran with
         assert r["input_video"] == str((tmp_path / "videos" / f"clip{i}.mp4").resolve())
     assert fake.pongs >= 5  # the client answered the server's pings
     assert sorted(fake.inputs) == sorted({f"vans_batch_{hashlib.sha1(p.read_bytes()).hexdigest()[:16]}.mp4"

@@ -280,6 +280,13 @@ class WorkflowTemplate:
             raise InputError(f"node {title(graph[qid]) or qid} has no 'question' input; name the caption node with --question-node")
         return cls(graph, vid, qid, overrides or [])
 
+    @property
+    def vlm_settings(self) -> dict:
+        """The caption node's prompt and decoding choices, recorded with every result (an API workflow saved
+        before these inputs existed runs with the node's defaults, "official")."""
+        inputs = self.graph[self.question_node]["inputs"]
+        return {key: inputs.get(key, "official") for key in ("system_prompt", "decoding")}
+
     def fill(self, item: Item, video_name: str) -> dict:
         graph = copy.deepcopy(self.graph)
         loader = graph[self.video_node]
@@ -769,7 +776,7 @@ class BatchRunner:
                   "think": think, "video": (videos or [""])[0], "videos": videos or [],
                   "seconds": round(time.monotonic() - job.started, 3) if job.started else 0.0,
                   "status": status, "error": error, "server": job.server, "prompt_id": job.prompt_id,
-                  "attempts": job.attempts}
+                  "attempts": job.attempts, "vlm": self.template.vlm_settings}
         for key in ("ground_truth", "gt_video", "split"):
             if getattr(item, key) is not None:
                 record[key] = getattr(item, key)
