@@ -254,3 +254,14 @@ def test_a_bad_dtype_is_a_one_line_error():
 
     with pytest.raises(InputError, match="dtype 'bf': use one of auto, bf16"):
         pick_dtype(torch.device("cpu"), "bf")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line_not_a_traceback():
+    from vans.pipeline import pick_device
+
+    with pytest.raises(InputError, match="no usable CUDA GPU; use --device cpu"):
+        pick_device("cuda")
+    with pytest.raises(InputError, match="use auto, cpu, cuda or cuda:N"):
+        pick_device("gpu0")
+    assert pick_device("auto").type == "cpu"

@@ -128,3 +128,10 @@ def test_memory_caches_are_bounded_lrus(tmp_path):
     assert len(cache._memory) == 2
     assert cache.get_or_compute("x", [3], compute(3))[0] == 3 and calls == [1, 2, 3]  # kept
     assert cache.get_or_compute("x", [1], compute(1))[0] == 1 and calls == [1, 2, 3, 1]  # evicted: recomputed
+
+
+def test_unset_and_missing_dataset_paths_name_the_setting(tmp_path):
+    with pytest.raises(InputError, match="data.path is not set; pass --set data.path="):
+        load_samples("")
+    with pytest.raises(InputError, match="dataset file not found: .*nope.csv"):
+        load_samples(tmp_path / "nope.csv")

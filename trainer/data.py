@@ -144,8 +144,11 @@ def _make_sample(label: str, row: dict, root: Path, check: bool) -> tuple[Sample
 def load_samples(path: str | os.PathLike, video_root: str | os.PathLike | None = None, *,
                  check_videos: bool = True, max_samples: int = 0) -> DatasetReport:
     """Read a VANS CSV or JSONL dataset; bad rows are skipped and listed, never fatal."""
+    if not str(path).strip():
+        raise InputError("data.path is not set; pass --set data.path=<VANS .csv or .jsonl> (python -m trainer.data "
+                         "--demo DIR writes a tiny one)")
     path = Path(path)
-    if not str(path) or not path.is_file():
+    if not path.is_file():
         raise InputError(f"dataset file not found: {path}; set data.path to a VANS .csv or .jsonl file")
     root = Path(video_root) if video_root else path.parent
     rows = _jsonl_rows(path) if path.suffix.lower() in (".jsonl", ".json") else _csv_rows(path)

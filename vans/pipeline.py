@@ -65,7 +65,15 @@ class VansModels:
 
 def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
-        return torch.device(device)
+        try:
+            picked = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise InputError(f"device '{device}': use auto, cpu, cuda or cuda:N") from None
+        if picked.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device '{device}': this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        if picked.type == "cuda" and picked.index is not None and picked.index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}': only {torch.cuda.device_count()} CUDA device(s) here")
+        return picked
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
