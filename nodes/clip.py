@@ -78,7 +78,7 @@ class VANSLoadCLIP(io.ComfyNode):
                     "clip_vit_b32_openai.safetensors)")),
                 io.Boolean.Input("allow_pickle", default=False, tooltip=(
                     "Also load .bin/.pt pickle files, which can run code when loaded; only for files you trust")),
-                io.Combo.Input("arch", options=list(ARCH_CHOICES), default="auto", tooltip=(
+                io.Combo.Input("arch", options=list(ARCH_CHOICES), default="auto", optional=True, tooltip=(
                     "Activation, which the weights cannot tell: ViT-B-32-quickgelu for OpenAI weights (the paper's), "
                     "ViT-B-32 for LAION weights; auto reads open_clip_config.json beside the file, then the file "
                     "name (openai / laion), else assumes OpenAI and logs it")),
@@ -91,8 +91,8 @@ class VANSLoadCLIP(io.ComfyNode):
         return check_choice("clip_name", clip_name, clip_choices())
 
     @classmethod
-    def execute(cls, clip_name, allow_pickle, arch="auto") -> io.NodeOutput:
-        return io.NodeOutput(load_clip_model(clip_name, allow_pickle, arch))
+    def execute(cls, clip_name, allow_pickle, arch=None) -> io.NodeOutput:
+        return io.NodeOutput(load_clip_model(clip_name, allow_pickle, arch or "auto"))
 
 
 def _candidates_input():

@@ -221,10 +221,11 @@ class VANSNextEventCaption(io.ComfyNode):
                     "Random seed; the same seed and inputs give the same caption")),
                 io.Boolean.Input("offload", default=True, tooltip=(
                     "Move the VLM off the GPU when done, leaving VRAM to the video model")),
-                io.Combo.Input("system_prompt", options=list(SYSTEM_PROMPT_CHOICES), default="official", tooltip=(
+                io.Combo.Input("system_prompt", options=list(SYSTEM_PROMPT_CHOICES), default="official", optional=True,
+                               tooltip=(
                     "official: the official code's wording, which the released VANS weights were trained with; "
                     "paper: the paper's App. C.2 wording ('your detailed description')")),
-                io.Combo.Input("decoding", options=list(DECODING_CHOICES), default="official", tooltip=(
+                io.Combo.Input("decoding", options=list(DECODING_CHOICES), default="official", optional=True, tooltip=(
                     "official: the authors' inference (the model folder's generation_config.json with temperature "
                     "and top_p set, e.g. its repetition penalty 1.05; greedy when the file sets top_k 1); policy: plain "
                     "temperature + top-p sampling, as in GRPO training, for diverse answers")),
@@ -244,10 +245,12 @@ class VANSNextEventCaption(io.ComfyNode):
 
     @classmethod
     def execute(cls, vlm, question, fps, num_frames, sample_fps, min_pixels, max_pixels, temperature, top_p,
-                max_new_tokens, answers, seed, offload, frames=None, video=None, system_prompt="official",
-                decoding="official") -> io.NodeOutput:
+                max_new_tokens, answers, seed, offload, frames=None, video=None, system_prompt=None,
+                decoding=None) -> io.NodeOutput:
+        # optional, so API prompts saved before these inputs existed still validate (official defaults)
         results = caption(vlm, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
-                          temperature, top_p, max_new_tokens, answers, seed, offload, system_prompt, decoding)
+                          temperature, top_p, max_new_tokens, answers, seed, offload, system_prompt or "official",
+                          decoding or "official")
         captions, thinks, raws = (list(column) for column in zip(*results))
         shown = "\n\n".join(captions) if len(captions) == 1 else "\n\n".join(f"#{i}: {c}" for i, c in enumerate(captions))
         return output_with_text(cls, shown, captions, thinks, raws)

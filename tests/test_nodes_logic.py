@@ -73,6 +73,51 @@ def test_context_wrapper_equals_the_engine_model_velocity(pack, sigma):
     torch.testing.assert_close(comfy_velocity, engine, rtol=1e-5, atol=1e-5)
 
 
+def comfy_apply_model_in(dit, dtype):
+    """ComfyUI's BaseModel._apply_model for a CONST model run in ``dtype``: the input and the text cast to
+    the compute dtype, the timestep 1000·σ in fp32, the output back in fp32, x0 = x − σ·v."""
+
+    def apply_model(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        v = dit(hidden_states=x.to(dtype), timestep=(t * 1000).float(), encoder_hidden_states=c_crossattn.to(dtype))[0]
+        return x - v.float() * t.view(-1, 1, 1, 1, 1)
+
+    return apply_model
+
+
+@pytest.mark.parametrize("sigma", [0.9973, 0.73, 0.3337])  # timesteps 997.3, 730, 333.7 -> bf16 996, 728, 334
+def test_context_wrapper_rounds_the_timestep_as_the_engine_in_bf16(pack, sigma):
+    """A bf16 model: the engine (default timestep_dtype="model", the official rule) calls the DiT with the
+    timestep rounded to bf16; the wrapper makes ComfyUI's call see the same timestep, and re-expresses x0
+    with the sampler's own σ, so the velocity KSampler derives is the engine's."""
+    from vans.generator import VideoGenerator
+
+    torch.manual_seed(0)
+    dit = ToyDiT()
+    context = torch.randn(1, 16, 6, 4, 6)
+    x = torch.randn(2, 16, 9, 4, 6)
+    text = torch.randn(2, 5, 8).bfloat16()
+    gen = VideoGenerator(dit, None, None, dtype=torch.bfloat16)
+    engine = gen.model_velocity(x, torch.tensor(sigma), context, text)
+    exact = gen.model_velocity(x, torch.tensor(sigma), context, text, timestep_dtype="fp32")
+
+    wrapper = pack["conditioning"].ContextPrepender(context, torch.bfloat16)
+    t = torch.full((2,), sigma)
+    x0 = wrapper(comfy_apply_model_in(dit, torch.bfloat16), x, t, None, text, None, {})
+    comfy_velocity = (x - x0) / sigma
+    torch.testing.assert_close(comfy_velocity, engine, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(comfy_velocity, exact, rtol=1e-4, atol=1e-4)  # the rounding is visible here
+    # an fp32 model: nothing is rounded and the call is passed through unchanged
+    fp32 = pack["conditioning"].ContextPrepender(context, torch.float32)
+    seen = {}
+
+    def executor(full, t_model, *args, **kwargs):
+        seen["t"] = t_model
+        return full
+
+    fp32(executor, x, t)
+    assert seen["t"] is t
+
+
 def test_context_wrapper_puts_the_context_first_in_time(pack):
     seen = {}
 
@@ -93,6 +138,51 @@ def test_context_wrapper_refuses_a_latent_of_another_size(pack):
     wrapper = pack["conditioning"].ContextPrepender(torch.zeros(1, 16, 6, 4, 4))
     with pytest.raises(InputError, match="same VANS Context Conditioning node"):
         wrapper(lambda x, *a, **k: x, torch.zeros(1, 16, 9, 8, 8), torch.ones(1))
+
+
+class ComfyLikeWanVAE:
+    """ComfyUI's ``VAE.encode`` for Wan2.1 reduced to what it computes: IMAGE pixels ``[T, H, W, C]`` in 0..1
+    -> the raw posterior mean ``[1, 16, t, h, w]`` in fp32 (here from the engine's diffusers model)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = []
+
+    def encode(self, pixels):
+        self.calls.append(tuple(pixels.shape))
+        x = pixels.movedim(-1, 0).unsqueeze(0) * 2 - 1
+        with torch.no_grad():
+            return self.model.encode(x).latent_dist.mean.float()
+
+
+class ComfyLikeWan21:
+    """``model.model.process_latent_in`` of ComfyUI's Wan21 latent format: (z − mean) · scale / std, scale 1."""
+
+    def __init__(self, mean, std):
+        self.model = self
+        self.mean, self.std = mean, std
+
+    def process_latent_in(self, latent):
+        return (latent - self.mean.to(latent)) / self.std.to(latent)
+
+
+def test_node_encodes_the_context_in_the_official_tiles_as_the_engine(pack, tmp_path):
+    """The node's context at 640×352 (ComfyUI's VAE called on each official tile, normalised per tile,
+    blended) is the engine's encode_context on the same VAE weights. Old code: the node encoded in one
+    piece while the engine used diffusers' own tiles, and the two differed along the seams."""
+    from vans.fixtures.wan import write_tiny_wan_vae
+    from vans.generator import VideoGenerator
+    from vans.wan.vae import load_vae
+
+    vae = load_vae(write_tiny_wan_vae(tmp_path / "vae.safetensors"), dtype=torch.float32)
+    clip = torch.rand(1, 352, 640, 3, generator=torch.Generator().manual_seed(3))
+    engine = VideoGenerator(None, None, vae).encode_context(clip, 1)
+    comfy_vae = ComfyLikeWanVAE(vae.model)
+    node = pack["conditioning"].encode_context(ComfyLikeWan21(vae.latents_mean, vae.latents_std), comfy_vae, clip, 1)
+    assert sorted(set(comfy_vae.calls)) == [(1, 232, 224, 3), (1, 232, 416, 3), (1, 240, 224, 3), (1, 240, 416, 3)]
+    assert len(comfy_vae.calls) == 6  # 2 × 3 tiles
+    assert node.shape == engine.shape == (1, 16, 1, 44, 80)
+    torch.testing.assert_close(node, engine, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("width,height,length,num_context,problem", [
@@ -274,10 +364,19 @@ def test_corrupt_file_video_is_an_input_error_naming_the_file(pack, tmp_path):
 
 
 def test_context_clip_uses_the_engine_picking_and_resize(pack):
-    from vans.video import resize_frames, sample_indices
+    """The node picks the VDM's frames with the engine's FramePick rule (default: the first frames at 11 fps)."""
+    from vans.video import FramePick, pick_indices, resize_frames, sample_indices
 
     frames = torch.rand(50, 40, 90, 3, generator=torch.Generator().manual_seed(1))
-    clip = pack["conditioning"].context_clip(frames, 33, 48, 64)
-    expected = resize_frames(frames[sample_indices(50, 33)], (48, 64), resize="crop")
+    context_clip = pack["conditioning"].context_clip
+    clip = context_clip(frames, 33, 48, 64, fps=22.0)
+    expected = resize_frames(frames[[2 * k for k in range(25)] + [48] * 8], (48, 64), resize="crop")
+    assert pick_indices(50, 22.0, 33, FramePick()) == [2 * k for k in range(25)] + [48] * 8
     assert clip.shape == (33, 48, 64, 3)
     torch.testing.assert_close(clip, expected)
+    torch.testing.assert_close(context_clip(frames, 33, 48, 64, "spread"),
+                               resize_frames(frames[sample_indices(50, 33)], (48, 64), resize="crop"))
+    torch.testing.assert_close(context_clip(frames, 5, 48, 64, "first"),
+                               resize_frames(frames[:5], (48, 64), resize="crop"))
+    with pytest.raises(pack["InputError"], match="connect Get Video Components' fps output to fps"):
+        context_clip(frames, 33, 48, 64)

@@ -479,10 +479,13 @@ def test_vae_decode_inverts_the_normalisation(vae):
 
 
 def test_vae_tiling_is_on_by_default_and_can_be_switched_off(vae_files):
+    # The tiles are the official ones (30x52 latents every 15x26, vans.wan.tiling), never diffusers' own, whose
+    # layout and blending differ from the official pipeline's (tests/test_fidelity_wan.py).
     vae = load_vae(vae_files["wan"], dtype=torch.float32)
-    assert vae.tiling and vae.model.use_tiling
-    vae.tiling = False
+    assert vae.tiling and (vae.tile_size, vae.tile_stride) == ((30, 52), (15, 26))
     assert not vae.model.use_tiling
+    vae.tiling = False
+    assert not vae.tiling and not vae.model.use_tiling
     assert not load_vae(vae_files["wan"], dtype=torch.float32, tiling=False).tiling
 
 

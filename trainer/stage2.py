@@ -486,7 +486,9 @@ class Stage2Policy:
         noise = gen.initial_noise(1 if self.cfg.grpo.same_noise else G, self.settings, seed=seed)
         noise = noise.expand(G, *noise.shape[1:]).contiguous()
         uncond = gen.encode_text([self.settings.negative_prompt]) if self.settings.guidance != 1.0 else None
-        velocity = gen.guided_velocity(prompt.context, prompt.cond, uncond, self.settings.guidance)
+        # the training forward uses the rollout's exact model call (same timestep numerics)
+        velocity = gen.guided_velocity(prompt.context, prompt.cond, uncond, self.settings.guidance,
+                                       timestep_dtype=self.settings.timestep_dtype)
         sde_generator = torch.Generator(self.device).manual_seed(seed + 1)
         with torch.no_grad():
             rollout = gen.sample(prompt.context, prompt.cond, self.settings, noise=noise, sde_steps=plan.sde_steps,

@@ -27,6 +27,9 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
+TIMESTEP_DTYPES = ("model", "fp32")
+
+
 @dataclass
 class GenerationSettings:
     """Defaults of the official inference code (VANS.md §4)."""
@@ -42,6 +45,11 @@ class GenerationSettings:
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     noise_level: float = 0.0  # 0 = Euler ODE; > 0 = Flow-GRPO SDE
     fps: float = 11.0  # of the saved answer video (official save_video fps)
+    # The DiT's timestep (1000·σ): "model" = cast to the DiT's compute dtype before the call (bf16 on GPU:
+    # 1000·σ rounded to 8 significant bits, e.g. 997.5 -> 996), as the official pipeline does
+    # (KlingAIResearch/VANS vans/pipelines/wan_video_new.py: ``timestep.to(dtype=self.torch_dtype)``);
+    # "fp32" = keep it exact. Identical for an fp32 DiT.
+    timestep_dtype: str = "model"
 
     def validate(self) -> None:
         if self.num_frames < 5 or (self.num_frames - 1) % 4:
@@ -52,6 +60,8 @@ class GenerationSettings:
                 raise InputError(f"{name}={value}: must be a multiple of 16 (e.g. 640×352)")
         if self.steps < 1:
             raise InputError(f"steps={self.steps}: must be at least 1")
+        if self.timestep_dtype not in TIMESTEP_DTYPES:
+            raise InputError(f"timestep_dtype={self.timestep_dtype!r}: must be one of {', '.join(TIMESTEP_DTYPES)}")
         latent_frames = (self.num_frames - 1) // 4 + 1
         if not 1 <= self.num_context <= latent_frames:
             raise InputError(
@@ -128,28 +138,39 @@ class VideoGenerator:
         return select_context(latents, num_context).to(self.dtype)
 
     # -- 3. denoise ------------------------------------------------------------------------
+    def model_timestep(self, sigma: torch.Tensor, timestep_dtype: str = "model") -> torch.Tensor:
+        """The DiT's timestep 1000·σ as an fp32 value, rounded to the compute dtype for "model"
+        (``GenerationSettings.timestep_dtype``)."""
+        timestep = (sigma * 1000).to(self.device, torch.float32)
+        if timestep_dtype == "model":
+            return timestep.to(self.dtype).float()
+        if timestep_dtype == "fp32":
+            return timestep
+        raise InputError(f"timestep_dtype={timestep_dtype!r}: must be one of {', '.join(TIMESTEP_DTYPES)}")
+
     def model_velocity(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                       text: torch.Tensor) -> torch.Tensor:
+                       text: torch.Tensor, *, timestep_dtype: str = "model") -> torch.Tensor:
         """One DiT call over [context ‖ x] with one timestep, prediction stripped to the target frames.
 
         This is the single model call shared by inference, rollouts and training (with grad there).
         """
         hidden = prepend_context(context, x.to(self.dtype))
-        timestep = (sigma * 1000).to(self.device, torch.float32).expand(hidden.shape[0])
+        timestep = self.model_timestep(sigma, timestep_dtype).expand(hidden.shape[0])
         out = self.dit(hidden_states=hidden, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
         return strip_context(out, context.shape[2])
 
     def guided_velocity(self, context: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                        guidance: float) -> VelocityFn:
+                        guidance: float, *, timestep_dtype: str = "model") -> VelocityFn:
         """v = v_u + g·(v_c − v_u), cond and uncond in ONE batched forward (2B rows)."""
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             b = x.shape[0]
             c = cond.expand(b, -1, -1) if cond.shape[0] != b else cond
             if uncond is None or guidance == 1.0:
-                return self.model_velocity(x, sigma, context, c)
+                return self.model_velocity(x, sigma, context, c, timestep_dtype=timestep_dtype)
             u = uncond.expand(b, -1, -1) if uncond.shape[0] != b else uncond
-            v = self.model_velocity(torch.cat([x, x]), sigma, context, torch.cat([c, u]))
+            v = self.model_velocity(torch.cat([x, x]), sigma, context, torch.cat([c, u]),
+                                    timestep_dtype=timestep_dtype)
             v_c, v_u = v.chunk(2)
             return v_u + guidance * (v_c - v_u)
 
@@ -165,7 +186,8 @@ class VideoGenerator:
     def sample(self, context: torch.Tensor, caption_embeds: torch.Tensor, settings: GenerationSettings, *,
                batch: int = 1, noise: torch.Tensor | None = None, **sampler_kwargs) -> SampleResult:
         uncond = self.encode_text([settings.negative_prompt]) if settings.guidance != 1.0 else None
-        velocity = self.guided_velocity(context, caption_embeds, uncond, settings.guidance)
+        velocity = self.guided_velocity(context, caption_embeds, uncond, settings.guidance,
+                                        timestep_dtype=settings.timestep_dtype)
         if noise is None:
             noise = self.initial_noise(batch, settings)
         with self._placed(self.dit):

@@ -54,12 +54,12 @@ def native(comfyui):
     conditioning = comfyui.pack_submodule("nodes.conditioning")
     frames = torch.rand(40, 60, 90, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # as ComfyUI runs nodes
-        patched, latent = conditioning.condition(model, vae, frames, WIDTH, HEIGHT, LENGTH, NUM_CONTEXT, 1)
+        patched, latent = conditioning.condition(model, vae, frames, WIDTH, HEIGHT, LENGTH, NUM_CONTEXT, 1, fps=16.0)
     wrapper = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, conditioning.WRAPPER_KEY)[0]
     engine = VideoGenerator(engine_dit(files["dit"]), None, None)
-    clip = conditioning.context_clip(frames, LENGTH, HEIGHT, WIDTH)
+    clip = conditioning.context_clip(frames, LENGTH, HEIGHT, WIDTH, fps=16.0)
     return {"patched": patched, "latent": latent, "context": wrapper.context.clone(), "engine": engine,
-            "clip": clip, "model": model, "files": files}
+            "clip": clip, "model": model, "files": files, "vae": vae, "conditioning": conditioning, "frames": frames}
 
 
 def test_node_returns_the_empty_answer_latent(native):
@@ -81,6 +81,66 @@ def test_context_latents_equal_the_engine_context(native):
         engine_context = native["engine"].encode_context(native["clip"], NUM_CONTEXT)
     assert native["context"].shape == engine_context.shape == (1, 16, NUM_CONTEXT, HEIGHT // 8, WIDTH // 8)
     torch.testing.assert_close(native["context"].float(), engine_context.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_context_is_encoded_in_the_official_tiles_at_640x352(native):
+    """At the real size the official tiles are 2 × 3: the node runs ComfyUI's own VAE on each tile and blends
+    them as the engine does, so both give the same context; ComfyUI's VAE on the whole frame would not."""
+    from vans.generator import VideoGenerator
+    from vans.wan import load_vae
+
+    clip = torch.rand(1, 352, 640, 3, generator=torch.Generator().manual_seed(4))
+    model, vae = native["model"], native["vae"]
+    with torch.inference_mode():
+        node = native["conditioning"].encode_context(model, vae, clip, 1)
+        whole = model.model.process_latent_in(vae.encode(clip))
+    engine = VideoGenerator(None, None, load_vae(native["files"]["vae"], dtype=torch.float32)).encode_context(clip, 1)
+    assert node.shape == engine.shape == (1, 16, 1, 44, 80)
+    torch.testing.assert_close(node.float(), engine.float(), rtol=1e-4, atol=1e-4)
+    assert (whole.float() - node.float()).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def native_bf16(native):
+    """The same DiT loaded by ComfyUI in bf16 and run in bf16, as ComfyUI runs a bf16 Wan model on a GPU (on
+    a CPU it upcasts to fp32: ``manual_cast_dtype`` is cleared to get the GPU's arithmetic here)."""
+    import comfy.patcher_extension
+    import comfy.sd
+
+    from vans.generator import VideoGenerator
+    from vans.wan import load_dit
+
+    model = comfy.sd.load_diffusion_model(str(native["files"]["dit"]), model_options={"dtype": torch.bfloat16})
+    model.model.manual_cast_dtype = None
+    conditioning = native["conditioning"]
+    with torch.inference_mode():
+        patched, _ = conditioning.condition(model, native["vae"], native["frames"], WIDTH, HEIGHT, LENGTH,
+                                            NUM_CONTEXT, 1, fps=16.0)
+    wrapper = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, conditioning.WRAPPER_KEY)[0]
+    assert wrapper.timestep_dtype == torch.bfloat16
+    engine = VideoGenerator(load_dit(native["files"]["dit"], dtype=torch.bfloat16), None, None, dtype=torch.bfloat16)
+    return {"patched": patched, "context": wrapper.context.clone(), "engine": engine}
+
+
+@pytest.mark.parametrize("sigma", [0.9973, 0.73, 0.3337])  # timesteps 997.3, 730, 333.7 -> bf16 996, 728, 334
+def test_bf16_native_model_sees_the_engine_timestep(native_bf16, sigma):
+    """The official pipeline (and the engine's default ``timestep_dtype="model"``) round the timestep to the
+    DiT's bf16; the node makes ComfyUI's bf16 call see the same timestep. Equal to bf16 noise (measured 1 %:
+    two bf16 implementations), while the exact fp32 timestep is 14-70 % off on these random weights."""
+    generator = torch.Generator().manual_seed(int(sigma * 100))
+    x = torch.randn(2, 16, (LENGTH - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8, generator=generator)
+    text = (torch.randn(2, 7, 4096, generator=generator) * 0.2).bfloat16()
+    native_velocity = (x - _native_call(native_bf16["patched"], x, sigma, text)) / sigma
+    engine, context = native_bf16["engine"], native_bf16["context"]
+    with torch.no_grad():
+        rounded = engine.model_velocity(x, torch.tensor(sigma), context, text)
+        exact = engine.model_velocity(x, torch.tensor(sigma), context, text, timestep_dtype="fp32")
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert rel(native_velocity, rounded) <= 3e-2
+    assert rel(native_velocity, exact) > 1e-1
 
 
 def _native_call(patched, x, sigma, text):

@@ -3,8 +3,9 @@
 ``WanVAE.encode`` takes frames ``[B, T, H, W, C]`` in 0..1 and returns normalised latents
 ``[B, 16, (T-1)/4+1, H/8, W/8]``: ``(mu - latents_mean) / latents_std`` of the posterior mean (no
 sampling), as ComfyUI and DiffSynth feed the DiT. ``decode`` inverts it and returns frames in 0..1.
-Tiled encoding/decoding (diffusers' spatial tiles) is on by default; it only kicks in above 256 px, so
-small inputs run in one piece.
+Both run in the official spatial tiles by default (``vans.wan.tiling``: 30×52 latents every 15×26, the
+official VANS inference's setting), which bounds memory and gives the official latents and frames along the
+seams; ``tiling=False`` runs in one piece. diffusers' own tiling (other tiles, other blending) is never used.
 
 Files: ``wan_2.1_vae.safetensors`` (original Wan key layout, converted with diffusers' converter),
 ``Wan2.1_VAE.pth`` (same layout, pickle: only with ``allow_pickle``), a diffusers ``vae/`` folder, or a
@@ -34,6 +35,7 @@ from .files import (
     strip_known_prefix,
 )
 from .kinds import describe_kind, detect_checkpoint_kind
+from .tiling import OFFICIAL_TILE_SIZE, OFFICIAL_TILE_STRIDE, tiled_decode, tiled_encode
 
 WHAT = "VAE"
 EXPECTED = "the Wan2.1 VAE"
@@ -137,11 +139,17 @@ def inspect_vae_state_dict(sd: Mapping[str, torch.Tensor], name: str = "the file
 # -- the model ----------------------------------------------------------------------------------
 
 class WanVAE(nn.Module):
-    """Frames <-> normalised Wan latents. ``tiling`` toggles diffusers' spatial tiles (bounded memory)."""
+    """Frames <-> normalised Wan latents.
 
-    def __init__(self, model, *, tiling: bool = True):
+    ``tiling`` (default on): encode and decode in the official spatial tiles (``vans.wan.tiling``;
+    ``tile_size`` / ``tile_stride`` in latent units), one tile at a time; off: in one piece.
+    """
+
+    def __init__(self, model, *, tiling: bool = True, tile_size: tuple[int, int] = OFFICIAL_TILE_SIZE,
+                 tile_stride: tuple[int, int] = OFFICIAL_TILE_STRIDE):
         super().__init__()
         self.model = model
+        model.disable_tiling()  # the tiles are ours (the official rule), never diffusers' own
         config = model.config
         per_channel = (1, -1, 1, 1, 1)
         self.register_buffer("latents_mean", torch.tensor(config.latents_mean, dtype=torch.float32).view(per_channel),
@@ -149,17 +157,8 @@ class WanVAE(nn.Module):
         self.register_buffer("latents_std", torch.tensor(config.latents_std, dtype=torch.float32).view(per_channel),
                              persistent=False)
         self.tiling = tiling
-
-    @property
-    def tiling(self) -> bool:
-        return bool(self.model.use_tiling)
-
-    @tiling.setter
-    def tiling(self, on: bool) -> None:
-        if on:
-            self.model.enable_tiling()
-        else:
-            self.model.disable_tiling()
+        self.tile_size = tuple(tile_size)
+        self.tile_stride = tuple(tile_stride)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,6 +173,12 @@ class WanVAE(nn.Module):
         """``[B, T, H, W, 3]`` in 0..1 -> float32 ``[B, 16, (T-1)/4+1, H/8, W/8]``, normalised."""
         check_frames(frames)
         x = frames.to(device=self.device, dtype=self.dtype).permute(0, 4, 1, 2, 3) * 2 - 1
+        if self.tiling:
+            return tiled_encode(self._encode_piece, x, self.tile_size, self.tile_stride)
+        return self._encode_piece(x)
+
+    def _encode_piece(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, T, h, w]`` in -1..1 -> normalised fp32 latents (each tile normalised, as officially)."""
         mu = self.model.encode(x).latent_dist.mean
         return (mu.float() - self.latents_mean) / self.latents_std
 
@@ -182,8 +187,35 @@ class WanVAE(nn.Module):
         """Normalised ``[B, 16, t, h, w]`` -> float32 frames ``[B, 4(t-1)+1, 8h, 8w, 3]`` in 0..1."""
         check_latents(latents)
         z = latents.to(device=self.device, dtype=torch.float32) * self.latents_std + self.latents_mean
-        video = self.model.decode(z.to(self.dtype)).sample
+        z = z.to(self.dtype)
+        if self.tiling:
+            video = tiled_decode(self._decode_piece, z, self.tile_size, self.tile_stride)
+        else:
+            video = self._decode_piece(z)
+        # clamped once, after blending (official order); -1..1 -> 0..1
         return ((video.float() + 1) / 2).clamp_(0, 1).permute(0, 2, 3, 4, 1)
+
+    def _decode_piece(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> frames ``[B, 3, T, H, W]``, NOT clamped.
+
+        diffusers' ``AutoencoderKLWan.decode`` clamps its output to -1..1, while the official tiled decode
+        blends the tiles first and clamps the blend (a tile at 1.05 and a neighbour at 0.97 blend to 1.0,
+        not 0.985). diffusers assembles its output from one decoder call per latent frame, so those
+        outputs are collected here with a forward hook (public API) before the clamp; patchified VAEs
+        (Wan2.2) are not Wan2.1's and not handled.
+        """
+        if getattr(self.model.config, "patch_size", None) is not None:
+            return self.model.decode(z).sample
+        pieces: list[torch.Tensor] = []
+        handle = self.model.decoder.register_forward_hook(lambda module, args, out: pieces.append(out))
+        try:
+            clamped = self.model.decode(z).sample
+        finally:
+            handle.remove()
+        video = torch.cat(pieces, dim=2) if pieces else clamped
+        if video.shape != clamped.shape:  # a diffusers version that decodes otherwise: keep its (clamped) output
+            return clamped
+        return video
 
 
 def check_frames(frames: torch.Tensor) -> None:
