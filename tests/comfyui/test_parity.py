@@ -100,6 +100,36 @@ def test_context_is_encoded_in_the_official_tiles_at_640x352(native):
     assert (whole.float() - node.float()).abs().max() > 1e-3
 
 
+def test_node_equals_the_engine_at_640x352_context_and_model_call(native):
+    """At the real resolution (352×640, tiled context): the node's context latents and one patched model call
+    equal the engine's encode_context and model_velocity (fp32). 5 frames (2 latent frames, 1 context) keep the
+    tiny DiT's 2,640 tokens fast on a CPU; the tile seams are spatial, so time does not change them."""
+    from vans.generator import VideoGenerator
+    from vans.wan import load_vae
+
+    frames = torch.rand(9, 360, 660, 3, generator=torch.Generator().manual_seed(5))
+    conditioning = native["conditioning"]
+    with torch.inference_mode():
+        patched, latent = conditioning.condition(native["model"], native["vae"], frames, 640, 352, 5, 1, 1,
+                                                 frame_pick="first")
+    import comfy.patcher_extension
+
+    wrapper = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, conditioning.WRAPPER_KEY)[0]
+    engine = native["engine"]
+    engine.vae = load_vae(native["files"]["vae"], dtype=torch.float32)
+    with torch.no_grad():
+        engine_context = engine.encode_context(conditioning.context_clip(frames, 5, 352, 640, "first"), 1)
+    assert wrapper.context.shape == engine_context.shape == (1, 16, 1, 44, 80)
+    torch.testing.assert_close(wrapper.context.float(), engine_context.float(), rtol=1e-4, atol=1e-4)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 16, 2, 44, 80, generator=generator)
+    text = torch.randn(1, 7, 4096, generator=generator) * 0.2
+    native_velocity = (x - _native_call(patched, x, 0.6, text)) / 0.6
+    with torch.no_grad():
+        engine_velocity = engine.model_velocity(x, torch.tensor(0.6), engine_context, text)
+    assert (native_velocity - engine_velocity).abs().max() <= 5e-5 * engine_velocity.abs().max()
+
+
 @pytest.fixture(scope="module")
 def native_bf16(native):
     """The same DiT loaded by ComfyUI in bf16 and run in bf16, as ComfyUI runs a bf16 Wan model on a GPU (on

@@ -148,8 +148,8 @@ def test_stage1_exports_load_in_the_vlm_loader_node(comfyui):
         handle = caption.load_vlm(folder.name, name, "fp32", "sdpa")
         got = caption.caption(handle, frames, 8.0, None, "What next?", 6, 0.0, settings["min_pixels"],
                               settings["max_pixels"], settings["temperature"], settings["top_p"],
-                              settings["max_new_tokens"], 3, settings["seed"], True)
-        assert [raw for _, _, raw in got] == expected, name
+                              settings["max_new_tokens"], 3, settings["seed"], True, decoding="policy")
+        assert [raw for _, _, raw in got] == expected, name  # three answers: one policy group draw
     base_q = dict(base.captioner.model.named_parameters())
     handle_q = dict(handle.captioner.model.named_parameters())
     key = next(k for k in handle_q if k.endswith("layers.0.self_attn.q_proj.weight"))
