@@ -247,10 +247,12 @@ class VANSNextEventCaption(io.ComfyNode):
     def execute(cls, vlm, question, fps, num_frames, sample_fps, min_pixels, max_pixels, temperature, top_p,
                 max_new_tokens, answers, seed, offload, frames=None, video=None, system_prompt=None,
                 decoding=None) -> io.NodeOutput:
-        # optional, so API prompts saved before these inputs existed still validate (official defaults)
+        # optional, so API prompts saved before these inputs existed still validate: official defaults, but
+        # several answers keep the one group draw (policy) they had, which stays diverse under any folder config
+        decoding = decoding or ("policy" if answers > 1 else "official")
         results = caption(vlm, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
                           temperature, top_p, max_new_tokens, answers, seed, offload, system_prompt or "official",
-                          decoding or "official")
+                          decoding)
         captions, thinks, raws = (list(column) for column in zip(*results))
         shown = "\n\n".join(captions) if len(captions) == 1 else "\n\n".join(f"#{i}: {c}" for i, c in enumerate(captions))
         return output_with_text(cls, shown, captions, thinks, raws)

@@ -311,6 +311,8 @@ def test_arch_auto_reads_config_then_name_then_logs_the_paper_default(tmp_path, 
     assert resolve_clip_arch(folder / "open_clip_model.safetensors")[0] == "ViT-B-32"
     assert resolve_clip_arch(tmp_path / "clip_vit_b32_openai.safetensors")[0] == "ViT-B-32-quickgelu"
     assert resolve_clip_arch(tmp_path / "laion_b32.safetensors")[0] == "ViT-B-32"
+    # the name earlier versions of this pack told users to give LAION's file keeps meaning LAION (GELU)
+    assert resolve_clip_arch(tmp_path / "open_clip_ViT-B-32.safetensors")[0] == "ViT-B-32"
     assert resolve_clip_arch(tmp_path / "x.safetensors", "ViT-B-32") == ("ViT-B-32", "explicit")
     with caplog.at_level("WARNING", logger="vans"):
         assert resolve_clip_arch(tmp_path / "reward.safetensors") == (PAPER_ARCH, "default (the paper's OpenAI CLIP)")

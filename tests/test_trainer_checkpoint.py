@@ -142,3 +142,17 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == list(range(1, extra["step"] + 3))
     assert json.loads((out / "toy_rank0.json").read_text())["batches"]  # the resumed process trained
+
+
+def test_resume_with_other_settings_says_which(tmp_path, caplog):
+    run_toy(tmp_path, "run.stop_at=2")
+    with caplog.at_level("WARNING", logger="vans.trainer"):
+        result, _ = run_toy(tmp_path, "run.resume=true", "optim.lr=0.5")
+    assert result.finished
+    warnings = [r.getMessage() for r in caplog.records if "differ from the saved run" in r.getMessage()]
+    assert len(warnings) == 1 and "optim.lr" in warnings[0] and "run.resume" not in warnings[0]
+    caplog.clear()
+    run_toy(tmp_path / "again", "run.stop_at=2")
+    with caplog.at_level("WARNING", logger="vans.trainer"):
+        run_toy(tmp_path / "again", "run.resume=true")  # only the resume keys changed: no warning
+    assert not any("differ from the saved run" in r.getMessage() for r in caplog.records)

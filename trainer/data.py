@@ -305,3 +305,21 @@ if __name__ == "__main__":
         print(write_demo_dataset(args.demo))
     if args.check:
         print(load_samples(args.check, args.video_root).summary())
+
+
+def vae_tiling_key(vae) -> tuple:
+    """What of the VAE's tiling changes its latents: part of every cached-latent key."""
+    return (bool(getattr(vae, "tiling", False)), tuple(getattr(vae, "tile_size", ())),
+            tuple(getattr(vae, "tile_stride", ())))
+
+
+def frame_pick(section, name: str):
+    """The ``vans.video.FramePick`` of a config section with ``frame_pick`` / ``pick_fps``; errors name the keys."""
+    from vans.video import FramePick
+
+    pick = FramePick(section.frame_pick, section.pick_fps)
+    try:
+        pick.validate()
+    except InputError as exc:
+        raise InputError(f"{name}.{exc}") from None
+    return pick

@@ -303,6 +303,8 @@ def run_training(cfg, policy: TrainingPolicy, *, runtime: Runtime | None = None,
                          "to a new folder")
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if run.resume:
+            _warn_changed_settings(cfg, out_dir / "config.yaml")
         save_config(cfg, out_dir / "config.yaml")
     runtime.barrier()
 
@@ -337,6 +339,40 @@ def run_training(cfg, policy: TrainingPolicy, *, runtime: Runtime | None = None,
             result.plot = MetricsLogger(out_dir, enabled=True, tensorboard=False).plot()
     runtime.barrier()
     return result
+
+
+# keys a resumed run may change on purpose
+_RESUME_KEYS = ("run.resume", "run.steps", "run.stop_at", "run.log_every", "run.save_every", "run.plot",
+                "run.tensorboard", "run.allow_world_size_change")
+
+
+def _warn_changed_settings(cfg, saved_path: Path) -> None:
+    """A resumed run continues with the settings it is given; say loudly which differ from the saved run (a
+    default that changed between versions, a forgotten --set), since the continuation is then another run."""
+    import yaml
+
+    from .config import config_to_dict
+
+    if not saved_path.is_file():
+        return
+
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    try:
+        saved = dict(flat(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}))
+    except (OSError, yaml.YAMLError):
+        return
+    now = dict(flat(config_to_dict(cfg)))
+    changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
+               if k not in _RESUME_KEYS and saved.get(k) != now.get(k)]
+    if changed:
+        log.warning("resuming with %d setting(s) that differ from the saved run (%s): %s", len(changed), saved_path,
+                    "; ".join(changed[:12]) + (" …" if len(changed) > 12 else ""))
 
 
 def _one_step(cfg, policy, runtime: Runtime, optimizer, scheduler, params, order: DataOrder,

@@ -51,7 +51,7 @@ from vans.errors import InputError, VansError
 from vans.lora import DEFAULT_TARGETS
 
 from .config import DataConfig, OptimConfig, RunConfig, doc, parse_cli, section
-from .data import FeatureCache, Sample
+from .data import FeatureCache, Sample, vae_tiling_key
 from .grpo import grpo_token_loss
 from .runner import Runtime, run_training, setup_runtime
 
@@ -220,12 +220,10 @@ class Stage1Policy:
 
     # -- cached per-sample inputs -----------------------------------------------------------------------
 
-    def _frame_pick(self):
-        from vans.video import FramePick
+    def _frame_pick(self):  # the VDM's view of the input and GT clips (vans.video.FramePick)
+        from .data import frame_pick
 
-        pick = FramePick(self.cfg.render.frame_pick, self.cfg.render.pick_fps)
-        pick.validate()
-        return pick
+        return frame_pick(self.cfg.render, "render")
 
     def _context(self, sample: Sample) -> torch.Tensor:
         from vans.video import read_clip
@@ -237,7 +235,7 @@ class Stage1Policy:
             return self.generator.encode_context(clip.frames, s.num_context).float().cpu()
 
         key = (Path(sample.video), Path(self.paths.vae), s.height, s.width, s.num_frames, s.num_context,
-               str(self.runtime.dtype), pick.mode, pick.fps)
+               str(self.runtime.dtype), pick.mode, pick.fps, vae_tiling_key(self.generator.vae))
         return self.cache.get_or_compute("context", key, compute).to(self.runtime.device, self.runtime.dtype)
 
     def _gt_features(self, sample: Sample) -> torch.Tensor:

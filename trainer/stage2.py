@@ -7,7 +7,8 @@ One optimizer step, per prompt (a dataset sample) of the local batch:
 
 1. **anchor caption**: the frozen VLM (``Captioner.caption``) describes the next event; it is drawn again
    until its ROUGE-L against the ground-truth caption reaches ``anchor.min_rouge`` (0.6), at most
-   ``anchor.max_tries`` times, else the ground-truth caption is used (counted as ``anchor_fallbacks``);
+   ``anchor.max_tries`` times, else the sample is skipped (``anchor_skipped``; ``anchor.on_miss=gt`` uses the
+   ground-truth caption instead, counted as ``anchor_fallbacks``);
 2. **context**: the input clip's clean context latents, VAE-encoded once per sample and cached
    (memory + ``FeatureCache`` on disk), as are the GT video's CLIP features;
 3. **rollouts**: G = ``grpo.group_size`` SDE trajectories (``VideoGenerator.sample`` with noise_level > 0),
@@ -36,6 +37,7 @@ import torch
 from vans.errors import InputError
 
 from . import dit_lora, flow_grpo
+from .data import vae_tiling_key
 from .config import DataConfig, OptimConfig, RunConfig, doc, section
 
 log = logging.getLogger("vans.trainer")
@@ -85,7 +87,7 @@ class GrpoSection:
     noise_level: float = doc(0.7, "SDE noise level a (Flow-GRPO default 0.7); must be > 0")
     same_noise: bool = doc(False, "start all G rollouts of a group from one initial noise (they still branch "
                                   "at every SDE step)")
-    step_selection: str = doc("all", "trained steps: all; fraction (SDE everywhere, train a random "
+    step_selection: str = doc("all", "trained steps: all (SDE everywhere, every step but the last trained); fraction (SDE everywhere, train a random "
                                      "train_fraction of the steps); window (Flow-GRPO-Fast: SDE + training on "
                                      "window_size steps starting inside the high-noise window, ODE elsewhere)")
     train_fraction: float = doc(0.6, "share of the K steps trained when step_selection=fraction (DanceGRPO 0.6)")
@@ -108,8 +110,9 @@ class AnchorSection:
                                 "(VANS: discard and resample below 0.6)")
     max_tries: int = doc(4, "VLM captions drawn per sample before the sample counts as a miss (one draw when "
                             "the decoding is deterministic: more draws would repeat it)")
-    on_miss: str = doc("skip", "what a sample whose anchors all miss min_rouge does: skip (no rollouts this "
-                               "visit; the paper keeps only anchors >= min_rouge) or gt (train on the GT caption)")
+    on_miss: str = doc("skip", "what a sample whose anchors all miss min_rouge does: skip (no rollouts; with reuse "
+                               "the miss is kept like an accepted anchor, so the sample stays skipped; the paper keeps "
+                               "only anchors >= min_rouge) or gt (train on the GT caption)")
     decoding: str = doc("official", "official (the authors' inference: the VLM folder's generation config with "
                                     "temperature/top_p set; greedy when that file sets top_k 1) or policy (plain "
                                     "temperature + top-p sampling, which makes resampling meaningful)")
@@ -173,9 +176,18 @@ class Stage2Config:
             raise InputError(f"anchor.on_miss={self.anchor.on_miss!r}: use skip or gt")
         if self.anchor.decoding not in ("official", "policy"):
             raise InputError(f"anchor.decoding={self.anchor.decoding!r}: use official or policy")
+        from vans.clip import ARCH_CHOICES
         from vans.prompts import system_prompt_text
 
-        system_prompt_text(self.anchor.system_prompt)
+        from .data import frame_pick
+
+        try:
+            system_prompt_text(self.anchor.system_prompt)
+        except InputError as exc:
+            raise InputError(f"anchor.{exc}") from None
+        frame_pick(self.video, "video")
+        if self.reward.clip_arch not in ARCH_CHOICES:
+            raise InputError(f"reward.clip_arch={self.reward.clip_arch!r}: use one of {', '.join(ARCH_CHOICES)}")
         if self.reward.kind not in ("clip", "brightness"):
             raise InputError(f"reward.kind={self.reward.kind!r}: use clip or brightness")
         if len(self.grpo.window) != 2:
@@ -444,17 +456,16 @@ class Stage2Policy:
 
             latents = self.cache.get_or_compute("stage2_context", [Path(sample.video), Path(self.paths.vae),
                                                                    s.num_frames, s.height, s.width, s.num_context,
-                                                                   pick.mode, pick.fps],
+                                                                   pick.mode, pick.fps, str(self.dtype),
+                                                                   vae_tiling_key(self.generator.vae)],
                                                 encode)
             cached = self._contexts.put(key, latents.to(self.device, self.dtype))
         return cached
 
-    def _frame_pick(self):
-        from vans.video import FramePick
+    def _frame_pick(self):  # the VDM's view of the input and GT clips (vans.video.FramePick)
+        from .data import frame_pick
 
-        pick = FramePick(self.cfg.video.frame_pick, self.cfg.video.pick_fps)
-        pick.validate()
-        return pick
+        return frame_pick(self.cfg.video, "video")
 
     def _gt_features(self, sample) -> torch.Tensor:
         from vans.video import read_clip

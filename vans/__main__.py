@@ -97,7 +97,7 @@ def _settings(args):
         value = getattr(args, arg)
         if value is not None:
             setattr(target, attr, value)
-    if args.frame_pick or args.pick_fps:
+    if args.frame_pick is not None or args.pick_fps is not None:
         from .video import FramePick
 
         settings.frame_pick = FramePick(args.frame_pick or settings.frame_pick.mode,

@@ -103,7 +103,8 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
 
 def frame_indices(total: int, num_frames: int = NUM_FRAMES) -> list[int]:
     """The VLM's frames: the engine's even-spread rule (``vans.video.sample_indices``), first and last
-    frame always. A clip shorter than ``num_frames`` repeats frames (the official reader refused such clips)."""
+    frame always. A clip shorter than ``num_frames`` repeats frames to keep ``num_frames``; qwen-vl-utils 0.0.14
+    with the VANS constants would read fewer (2 frames of a 2–3-frame clip, 4 of a 4–5-frame one)."""
     from .video import sample_indices
 
     return sample_indices(total, num_frames)
@@ -441,7 +442,10 @@ class Captioner:
                 min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS,
                 system_prompt: str = SYSTEM_PROMPT) -> PromptInputs:
         """Question + frames -> tokenized prompt with the video's pixel patches (on the CPU)."""
-        messages = build_messages(question, system_prompt=system_prompt)
+        from .prompts import SYSTEM_PROMPTS
+
+        # a name ("official", "paper") or the text itself
+        messages = build_messages(question, system_prompt=SYSTEM_PROMPTS.get(system_prompt, system_prompt))
         clip = vlm_frames(frames, num_frames, min_pixels, max_pixels, self.factor)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         video_kwargs = {"do_resize": False, "do_rescale": False, "do_sample_frames": False}

@@ -51,6 +51,8 @@ RECOMMENDED_FILE = ("open_clip_model.safetensors from timm/vit_base_patch32_clip
                     "the paper's), saved as clip_vit_b32_openai.safetensors")
 PAPER_ARCH = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32: the "CLIP ViT-B/32" of the VANS rewards and tables
 ARCH_CHOICES = ("auto", "ViT-B-32-quickgelu", "ViT-B-32")
+# The reward file name earlier versions told users to give LAION's open_clip_model.safetensors.
+LEGACY_LAION_NAME = "open_clip_vit-b-32.safetensors"
 
 _REQUIRED_KEYS = (
     "visual.conv1.weight",
@@ -73,8 +75,8 @@ log = logging.getLogger("vans")
 
 
 def even_spread_indices(source_count: int, target_count: int) -> torch.Tensor:
-    """``target_count`` indices spread evenly over a clip, first and last frame included: the engine's
-    one frame rule (``vans.video.sample_indices``, also the VLM's input rule, VANS.md §3)."""
+    """``target_count`` indices spread evenly over a clip, first and last frame included
+    (``vans.video.sample_indices``, the VLM's frame rule); used when two clips of different lengths meet."""
     from .video import sample_indices
 
     if source_count < 1 or target_count < 1:
@@ -242,8 +244,9 @@ def resolve_clip_arch(path: str | Path, arch: str = "auto") -> tuple[str, str]:
     """(open_clip arch name, how it was decided) for a CLIP file; see the module docstring.
 
     An explicit name is used as given. ``"auto"`` reads ``open_clip_config.json`` beside the file
-    (``model_cfg.quick_gelu``), then the file name (``openai`` → QuickGELU, ``laion`` → GELU), and
-    otherwise falls back to the paper's OpenAI ViT-B/32 with a warning that names the choice.
+    (``model_cfg.quick_gelu``), then the file name (``openai`` → QuickGELU; ``laion`` or this pack's earlier
+    name for LAION's file, ``open_clip_ViT-B-32.safetensors`` → GELU), and otherwise falls back to the
+    paper's OpenAI ViT-B/32 with a warning that names the choice.
     """
     if arch != "auto":
         return arch, "explicit"
@@ -256,6 +259,10 @@ def resolve_clip_arch(path: str | Path, arch: str = "auto") -> tuple[str, str]:
             raise ModelFileError(f"{config_file} is not valid JSON ({exc}); fix it or pass the CLIP arch explicitly") from None
         return ("ViT-B-32-quickgelu" if model_cfg.get("quick_gelu") else "ViT-B-32"), config_file.name
     name = path.name.lower()
+    if name == LEGACY_LAION_NAME:
+        log.info("CLIP file %s: the name earlier versions of this pack gave LAION's ViT-B/32, read as GELU (ViT-B-32); "
+                 "for OpenAI's weights use clip_vit_b32_openai.safetensors or set the arch", path.name)
+        return "ViT-B-32", "file name (this pack's earlier name for LAION's file)"
     if "openai" in name:
         return "ViT-B-32-quickgelu", "file name (openai)"
     if "laion" in name:

@@ -118,7 +118,8 @@ FRAME_PICKS = ("fps", "first", "spread")
 @dataclass(frozen=True)
 class FramePick:
     """How the VDM sees a clip: the input clip whose latents become the context, and the GT clip that CLIP-V
-    compares an answer with (one rule for the CLI, the node, both trainer stages and ``vans eval``).
+    compares an answer with (one rule for the CLI, the context node, both trainer stages and ``vans eval``; the
+    ComfyUI CLIP-V node scores the frames it is given, spreading the GT over the answer's length).
 
     Default ``fps`` at 11 fps from the start of the clip. Evidence (the official ``VideoDataset`` that picks the
     33 frames is not in the VANS repository): its ancestor, DiffSynth-Studio's ``VideoDataset``, takes the first
