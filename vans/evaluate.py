@@ -119,12 +119,20 @@ def _video_problem(pairs: list[Pair], need_gt: bool) -> str | None:
     return None
 
 
+def gt_as_answer(gt_video: Path, answer_frames: int, height: int, width: int, pick=None):
+    """The GT clip as the training rewards see it (``vans.video.read_clip``): the answer's frame count, picked by
+    ``pick`` (default: 11 fps from the start), cropped to the answer's size. CLIP-V and FVD both use it."""
+    from .video import read_clip
+
+    return read_clip(gt_video, answer_frames, height, width, pick, what="ground-truth video").frames
+
+
 def clip_metrics(pairs: list[Pair], scorer, text: str = "gt", pick=None) -> tuple[dict, dict]:
     """CLIP-V (needs GT videos) and CLIP-T, means over items; (values, skip reasons).
 
     CLIP-V compares each generated frame with the GT clip seen exactly as the training rewards see it
     (``vans.video.read_clip``): as many frames as the answer, picked by ``pick``, cropped to the answer's size."""
-    from .video import read_clip, read_video
+    from .video import read_video
 
     values, skipped = {}, {}
     problem = _video_problem(pairs, need_gt=False)
@@ -136,8 +144,7 @@ def clip_metrics(pairs: list[Pair], scorer, text: str = "gt", pick=None) -> tupl
     for pair in pairs:
         frames = read_video(pair.video, what="generated video").frames
         if "CLIP-V" not in skipped:
-            gt = read_clip(pair.gt_video, frames.shape[0], frames.shape[1], frames.shape[2], pick,
-                           what="ground-truth video").frames
+            gt = gt_as_answer(pair.gt_video, frames.shape[0], frames.shape[1], frames.shape[2], pick)
             pair.scores["CLIP-V"] = scorer.clip_v(frames, gt)
         pair.scores["CLIP-T"] = scorer.clip_t(frames, pair.reference if text == "gt" else pair.caption)
     for name in ("CLIP-V", "CLIP-T"):
@@ -146,9 +153,11 @@ def clip_metrics(pairs: list[Pair], scorer, text: str = "gt", pick=None) -> tupl
     return values, skipped
 
 
-def fvd_metric(pairs: list[Pair], model, frames: int = 16, size: int = 224) -> tuple[float | None, str | None]:
-    """FVD of the generated vs the GT clips (I3D features, ``vans.i3d``)."""
+def fvd_metric(pairs: list[Pair], model, frames: int = 16, size: int = 224, pick=None) -> tuple[float | None, str | None]:
+    """FVD of the generated vs the GT clips (I3D features, ``vans.i3d``): ``frames`` spread over each answer and
+    over the span of its GT clip that the answer stands for (``gt_as_answer``, as CLIP-V)."""
     from .i3d import fvd_from_features
+    from .video import probe, sample_indices
 
     problem = _video_problem(pairs, need_gt=True)
     if problem:
@@ -156,7 +165,12 @@ def fvd_metric(pairs: list[Pair], model, frames: int = 16, size: int = 224) -> t
     if len(pairs) < 2:
         return None, f"FVD needs at least 2 videos per split (got {len(pairs)})"
     gen = model.features([_read(p.video, frames, None) for p in pairs], size=size)  # I3D resizes itself
-    gt = model.features([_read(p.gt_video, frames, None) for p in pairs], size=size)
+    gts = []
+    for p in pairs:
+        info = probe(p.video, what="generated video")
+        clip = gt_as_answer(p.gt_video, info.frames, info.height, info.width, pick)
+        gts.append(clip[sample_indices(clip.shape[0], frames)])
+    gt = model.features(gts, size=size)
     return fvd_from_features(gen, gt), None
 
 
@@ -297,7 +311,7 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
             else:
                 skipped.update({"CLIP-V": clip_reason, "CLIP-T": clip_reason})
             if i3d is not None:
-                value, why = fvd_metric(group, i3d, settings.fvd_frames, settings.fvd_size)
+                value, why = fvd_metric(group, i3d, settings.fvd_frames, settings.fvd_size, pick)
                 metrics["FVD"] = value
                 if why:
                     skipped["FVD"] = why
