@@ -1,12 +1,12 @@
 """Flow-GRPO for stage 2: which SDE steps are actions, their recomputed log-probs, and the clipped loss.
 
-The math is ``vans.sampling``'s (GRPO.md §3): a rollout is ``sample_flow`` with ``noise_level`` > 0, which
+The math is ``vans.sampling``'s (Flow-GRPO, Liu et al. 2025): a rollout is ``sample_flow`` with ``noise_level`` > 0, which
 stores for each kept step i the state x_i, the sampled x_{i+1} and log p_old(x_{i+1} | x_i) (a mean over
 the elements of the target latents). Training recomputes the same transition with gradient through the
 one model call (``VideoGenerator.model_velocity`` via ``guided_velocity``) with ``prev_sample`` = the stored
-x_{i+1}, so before any update the ratio r = exp(log p_θ − log p_old) is exactly 1 (GRPO.md §6.2).
+x_{i+1}, so before any update the ratio r = exp(log p_θ − log p_old) is exactly 1 (the on-policy sanity check).
 
-Loss per trained step, averaged over samples (GRPO.md §3.4):
+Loss per trained step, averaged over samples (Flow-GRPO):
     max(−Â·r, −Â·clip(r, 1 − ε, 1 + ε)) + β·KL(μ_θ ‖ μ_ref),
 with KL between the two Gaussian steps of equal covariance (``vans.sampling.gaussian_step_kl``: mean over
 elements of ‖μ_θ − μ_ref‖² / (2·std²)), ε = 1e-3 and β = 0.004 (VANS / Flow-GRPO Wan). Advantages come

@@ -1,4 +1,4 @@
-"""Token-level GRPO loss of stage 1 (GRPO.md §2, VANS Eq. 2).
+"""Token-level GRPO loss of stage 1 (VANS paper Eq. 2; the released compute_grpo_loss).
 
 Per token t of completion i, with λ = log π_ref − log π_θ and ρ = exp(log π_θ − log π_old):
 
@@ -8,7 +8,7 @@ Per token t of completion i, with λ = log π_ref − log π_θ and ρ = exp(log
 ``loss_type="token"`` instead divides the sum over all tokens by the number of action tokens (no
 length bias). Advantages come from ``vans.rewards`` (``group_advantages``); a group whose advantages
 are all zero and whose policy equals the reference gives exactly zero gradient. With one update per
-rollout ``old_logp`` is the detached ``logp`` and ρ ≡ 1 (GRPO.md §2): the clip then never fires, and
+rollout ``old_logp`` is the detached ``logp`` and ρ ≡ 1 (one update per rollout, as the released VANS code): the clip then never fires, and
 the gradient is Â·∇log π_θ plus the KL term.
 """
 

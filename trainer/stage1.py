@@ -26,7 +26,7 @@ carries no preference and is not trained on (``groups/zero_spread``), so it adds
 Cached once per sample (``data.FeatureCache``, keyed by file contents and settings): the context
 latents of the input clip, the CLIP features of the GT video, the umT5 embedding of the negative prompt.
 One update per rollout: π_old is the detached policy, so the logged ratio is 1 and the clip does not
-fire (GRPO.md §2); ``logp_mismatch`` logs max |recomputed − sampling-time log-prob| as the check that
+fire (one update per rollout); ``logp_mismatch`` logs max |recomputed − sampling-time log-prob| as the check that
 the training forward matches the sampler.
 
 Exports (``<out_dir>/export``): ``vlm_lora.safetensors`` (the adapter, ``vans.lora.save_lora`` format,

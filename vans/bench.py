@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "trainer" / "configs"
 QUESTION = "What will happen next?"
-# VANS.md "Speed claims": ≈4 s for the caption + ≈35 s for the video per sample, GPU not stated.
+# The VANS paper's speed claim: ≈4 s for the caption + ≈35 s for the video per sample, GPU not stated.
 PAPER = {"caption_s": 4.0, "video_s": 35.0, "note": "VANS paper, GPU not stated"}
 NO_PAPER = "no paper figure"
 SECTIONS = ("dit", "e2e", "stage1", "stage2")

@@ -1,7 +1,7 @@
 """The VANS captioner: Qwen2.5-VL (transformers) reads 6 frames + a question and writes
 ``[Think]…[/Think][Ans]caption[/Ans]``.
 
-Read top to bottom it is the algorithm of the official ``agent_mllm.py`` (VANS.md §3):
+Read top to bottom it is the algorithm of the official ``agent_mllm.py`` and its patched qwen_vl_utils:
 
     6 frames, indices round(linspace(0, N−1, 6)) over the clip  (``vlm_frames``)
     → each resized bicubic+antialias to multiples of 28, area in [128·28², 768·28²]  (``smart_resize``)
@@ -33,7 +33,7 @@ GRPO support: ``sample_group`` draws G completions in one batched ``generate`` (
 once and shared) and records each sampled token's log-probability under softmax(logits / T) as it
 samples, with O(G·V) memory instead of keeping all logits. ``completion_logprobs`` recomputes the same
 quantity in one forward of prompt + completion with the video inputs again (what the trainer
-differentiates); for the same weights the two agree (GRPO.md §6 check 4).
+differentiates); for the same weights the two agree (the on-policy check).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from .prompts import SYSTEM_PROMPT, ParsedResponse, build_messages, parse_respon
 
 log = logging.getLogger("vans")
 
-# Official qwen_vl_utils constants (VANS.md §3).
+# Constants of the official patched qwen_vl_utils/vision_process.py.
 NUM_FRAMES = 6
 FRAME_FACTOR = 2
 IMAGE_FACTOR = 28

@@ -88,7 +88,7 @@ def clip_v_from_features(gen_features: torch.Tensor, gt_features: torch.Tensor) 
     """CLIP-V from normalised features: mean over frames of cos(generated frame t, GT frame t).
 
     ``gen_features`` [..., T, D]; ``gt_features`` [T_gt, D]. When T_gt ≠ T the GT is resampled to T frames
-    with ``even_spread_indices`` (the paper leaves this open, VANS.md §8), so both clips span the same time.
+    with ``even_spread_indices`` (the paper leaves this open), so both clips span the same time.
     Returns [...] (a 0-d tensor for one video).
     """
     frames = gen_features.shape[-2]

@@ -1,4 +1,4 @@
-"""The VANS context-latent rule (VANS.md §2).
+"""The VANS context-latent rule (the official vans/pipelines/wan_video_new.py).
 
 The input clip (33 frames at 352×640) is VAE-encoded to T = 9 latent frames; ``num_context`` = 6
 of them are picked with an even spread (``linspace(0, T-1, n)`` truncated to integers, as the

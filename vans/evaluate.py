@@ -6,7 +6,7 @@ Inputs: one or more ``results.jsonl`` of ``python -m vans batch`` (each a row of
 ``vans.batch`` (``ground_truth``, ``gt_video``, optional ``split``). Predictions are matched to the ground
 truth by id (the batch derives missing ids the same way), else by (input video, question).
 
-Metrics (VANS.md §8; the paper leaves tokenisation and averaging open, the choices are ours):
+Metrics (paper Sec. 5.1; it leaves tokenisation and averaging open, the choices are ours):
 
 * BLEU@1–4: corpus-level cumulative BLEU (``vans.rewards.corpus_bleu``); the per-item plot uses sentence BLEU;
 * ROUGE-L: mean of the per-item F-measure (``vans.rewards.rouge_l``);

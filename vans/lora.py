@@ -48,7 +48,7 @@ DEFAULT_EXCLUDE = ("visual",)
 VANS_LORA_ALPHA = 32.0  # official LoraConfig(r=8, lora_alpha=32)
 LORA_FORMAT = "vans-lora"
 
-# Wrappers of the official checkpoint, outermost first (VANS.md §10).
+# Wrappers of the official checkpoint, outermost first (the official loaders strip these prefixes).
 _OFFICIAL_PREFIXES = ("pipe.mllm.mllm_backbone.", "mllmagent.mllm_backbone.", "mllm.mllm_backbone.", "mllm_backbone.")
 _PEFT_PREFIX = "base_model.model."
 

@@ -3,7 +3,7 @@
 Only the ``[Ans]`` text (the caption) reaches the video model; the ``[Think]`` text is reasoning shown
 to the user. Parsing follows the official ``extract_caption``: the first ``[Ans]…[/Ans]`` match,
 stripped, and the whole response when there is none, so a model that forgets the tags still yields a
-caption. ``is_well_formed`` is the stricter rule behind the format reward (GRPO.md §2): the whole
+caption. ``is_well_formed`` is the stricter rule behind the format reward: the whole
 response is exactly one non-empty think block followed by one non-empty answer block.
 """
 

@@ -3,7 +3,7 @@
 Text terms:
 
 * ``format_reward``: 1 iff the whole response is ``[Think]…[/Think][Ans]…[/Ans]`` with a non-empty answer
-  (GRPO.md §2; a lax match would let an empty answer score 1).
+  (a lax match would let an empty answer score 1).
 * ``rouge_l``: ROUGE-L F1 from the ``rouge-score`` package.
 * ``bleu`` / ``corpus_bleu``: cumulative BLEU@1..4, implemented here (see ``bleu`` for the choices).
 
@@ -60,7 +60,7 @@ ROUGE_L_VARIANT = "rouge-score rougeL F-measure (beta 1, LCS over the whole text
 @functools.lru_cache(maxsize=1)
 def _rouge_l_scorer():
     """One scorer per process. Porter stemming on: a reward should not punish "cuts" vs "cut", and the
-    paper leaves the tokenizer open (VANS.md §8). rouge-score keeps only [a-z0-9] tokens, lowercased."""
+    paper leaves the tokenizer open. rouge-score keeps only [a-z0-9] tokens, lowercased."""
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

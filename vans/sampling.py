@@ -1,6 +1,6 @@
 """Flow-matching samplers over a velocity function: the Euler ODE and the Flow-GRPO SDE.
 
-Conventions (GRPO.md §1): x_σ = (1 − σ)·x₀ + σ·ε, σ = 1 is pure noise, the model predicts
+Conventions (rectified flow, as Wan and Flow-GRPO): x_σ = (1 − σ)·x₀ + σ·ε, σ = 1 is pure noise, the model predicts
 v ≈ ε − x₀, and a step goes σ → σ' < σ. The schedule is DiffSynth's Wan schedule used by VANS:
 s_i = linspace(1, 0, K + 1)[:K], σ_i = shift·s_i / (1 + (shift − 1)·s_i), timestep = 1000·σ_i,
 and the last step goes to σ = 0.
