@@ -25,6 +25,7 @@ from comfy_api.latest import io
 
 from ..vans.context import DEFAULT_NUM_CONTEXT, prepend_context, select_context, strip_context
 from ..vans.errors import InputError
+from ..vans.video import FRAME_PICKS
 from ..vans.wan.tiling import OFFICIAL_TILE_SIZE, OFFICIAL_TILE_STRIDE, tiled_encode
 from .host import engine_call
 
@@ -244,7 +245,7 @@ class VANSContextConditioning(io.ComfyNode):
                              tooltip="Latent frames of the input used as context, spread evenly (VANS: 6 of 9)"),
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="Answer videos sampled at once from the same context (more candidates for Best of N)"),
-                io.Combo.Input("frame_pick", options=["fps", "first", "spread"], default="fps", optional=True, tooltip=(
+                io.Combo.Input("frame_pick", options=list(FRAME_PICKS), default="fps", optional=True, tooltip=(
                     "Which frames of the clip the video model sees: fps = the first `length` frames at pick_fps "
                     "(VANS default: 3 s at 11 fps), first = the first `length` frames at the clip's rate, spread = "
                     "`length` frames over the whole clip")),

@@ -174,8 +174,10 @@ class Stage2Config:
             raise InputError(f"anchor.source={self.anchor.source!r}: use vlm or gt")
         if self.anchor.on_miss not in ("skip", "gt"):
             raise InputError(f"anchor.on_miss={self.anchor.on_miss!r}: use skip or gt")
-        if self.anchor.decoding not in ("official", "policy"):
-            raise InputError(f"anchor.decoding={self.anchor.decoding!r}: use official or policy")
+        from vans.captioner import DECODING_MODES
+
+        if self.anchor.decoding not in DECODING_MODES:
+            raise InputError(f"anchor.decoding={self.anchor.decoding!r}: use one of {', '.join(DECODING_MODES)}")
         from vans.clip import ARCH_CHOICES
         from vans.prompts import system_prompt_text
 

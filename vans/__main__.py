@@ -26,6 +26,10 @@ DEMO_SIZE = dict(width=160, height=96, num_frames=33)
 
 
 def _answer_parser(sub) -> None:
+    from .captioner import DECODING_MODES
+    from .prompts import SYSTEM_PROMPTS
+    from .video import FRAME_PICKS
+
     p = sub.add_parser("answer", help="answer a question about a video with a caption and a generated video")
     p.add_argument("--video", help="input video (any format FFmpeg reads); --demo makes one if omitted")
     p.add_argument("--question", help="the question, e.g. 'What will happen next?'")
@@ -61,14 +65,14 @@ def _answer_parser(sub) -> None:
     s.add_argument("--temperature", type=float, help="VLM sampling temperature (default 0.7)")
     s.add_argument("--top-p", type=float, help="VLM nucleus sampling (default 0.9)")
     s.add_argument("--max-new-tokens", type=int, help="VLM token budget (default 1024)")
-    s.add_argument("--frame-pick", choices=("fps", "first", "spread"),
+    s.add_argument("--frame-pick", choices=FRAME_PICKS,
                    help="which frames of the input clip the video model sees: fps (the first --frames at --pick-fps, "
                         "default), first (the first --frames at the native rate) or spread (over the whole clip)")
     s.add_argument("--pick-fps", type=float, help="frame rate of --frame-pick fps (default 11, the answer's rate)")
-    s.add_argument("--system-prompt", choices=("official", "paper"),
+    s.add_argument("--system-prompt", choices=tuple(SYSTEM_PROMPTS),
                    help="VLM system prompt: official (the official code's wording, which the released weights were "
                         "trained with; default) or paper (the paper's App. C.2 wording)")
-    s.add_argument("--decoding", choices=("official", "policy"),
+    s.add_argument("--decoding", choices=DECODING_MODES,
                    help="VLM decoding: official (the authors' inference: the model folder's generation_config.json "
                         "with --temperature/--top-p set, so e.g. its repetition penalty applies; default) or policy "
                         "(plain temperature + top-p sampling, as GRPO rollouts)")

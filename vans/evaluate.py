@@ -325,6 +325,9 @@ def evaluate(results: list[Path], names: list[str], truth_path: Path, settings: 
 
 
 def add_parser(sub) -> None:
+    from .clip import ARCH_CHOICES
+    from .video import FRAME_PICKS
+
     p = sub.add_parser("eval", help="BLEU@1-4, ROUGE-L, FVD, CLIP-V, CLIP-T of batch results (paper Table 1)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.jsonl of python -m vans batch (one table row each)")
@@ -332,10 +335,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: table.md, table.json, scores.png")
     p.add_argument("--name", action="append", default=[], help="row name per results file (default: its folder)")
     p.add_argument("--clip", help="open_clip ViT-B/32 safetensors for CLIP-V/CLIP-T (skipped without it)")
-    p.add_argument("--clip-arch", choices=("auto", "ViT-B-32-quickgelu", "ViT-B-32"), default="auto",
+    p.add_argument("--clip-arch", choices=ARCH_CHOICES, default="auto",
                    help="CLIP activation: ViT-B-32-quickgelu for OpenAI weights (the paper's CLIP), ViT-B-32 for LAION "
                         "weights; auto reads open_clip_config.json beside the file or the file name, else assumes OpenAI")
-    p.add_argument("--frame-pick", choices=("fps", "first", "spread"), default="fps",
+    p.add_argument("--frame-pick", choices=FRAME_PICKS, default="fps",
                    help="frames of each GT clip that CLIP-V compares with the answer, as in training: fps (the first "
                         "frames at --pick-fps, default), first (native rate) or spread (over the whole clip)")
     p.add_argument("--pick-fps", type=float, default=11.0, help="frame rate of --frame-pick fps (default 11)")
