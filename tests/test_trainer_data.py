@@ -135,3 +135,29 @@ def test_unset_and_missing_dataset_paths_name_the_setting(tmp_path):
         load_samples("")
     with pytest.raises(InputError, match="dataset file not found: .*nope.csv"):
         load_samples(tmp_path / "nope.csv")
+
+
+def test_split_column_and_seeded_fraction(tmp_path):
+    from trainer.data import split_samples
+
+    path = write_demo_dataset(tmp_path / "d", count=6)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["split"], rows[4]["split"], rows[5]["split"] = "val", "Test", "bogus"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = load_samples(path)
+    assert [why for _, why in report.skipped] == ["split 'bogus' is not known; use train or one of val, valid, "
+                                                  "validation, test, heldout"]
+    train, held = split_samples(report.samples, fraction=0.5, seed=3)  # the column wins over the fraction
+    assert [s.id for s in held] == [report.samples[1].id, report.samples[4].id]
+    assert len(train) == 3 and not set(map(id, train)) & set(map(id, held))
+
+    unmarked = load_samples(write_demo_dataset(tmp_path / "e", count=8)).samples
+    a, b = split_samples(unmarked, fraction=0.25, seed=1)
+    assert len(b) == 2 and len(a) == 6
+    assert [s.id for s in split_samples(unmarked, fraction=0.25, seed=1)[1]] == [s.id for s in b]  # pure function
+    draws = {tuple(s.id for s in split_samples(unmarked, fraction=0.25, seed=k)[1]) for k in range(6)}
+    assert len(draws) > 1  # the seed matters
+    assert split_samples(unmarked, fraction=0.0) == (unmarked, [])
+    assert len(split_samples(unmarked[:2], fraction=0.9)[0]) == 1  # always one row left to train on
+    with pytest.raises(InputError, match="heldout_fraction"):
+        split_samples(unmarked, fraction=1.0)

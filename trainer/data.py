@@ -3,9 +3,13 @@
 Formats (one row = one sample):
 
 * CSV (the released VANS layout): ``input_video_path``, ``output_video_path``, ``ENG_Instruction``,
-  ``ENG_GT_Caption`` are required; ``ENG_Think`` and ``id`` are optional; other columns are ignored.
+  ``ENG_GT_Caption`` are required; ``ENG_Think``, ``id`` and ``split`` are optional; other columns are ignored.
 * JSONL: one object per line with ``video``, ``question``, ``caption``, ``gt_video`` (required) and
-  ``think``, ``id`` (optional).
+  ``think``, ``id``, ``split`` (optional).
+
+``split`` (``train``, or ``val`` / ``valid`` / ``validation`` / ``test`` / ``heldout``) puts a row in the
+held-out set of the SFT stages (``split_samples``); rows without it are training rows, or are drawn into
+the held-out set by a seeded fraction.
 
 Relative video paths are resolved against ``video_root`` (default: the dataset file's folder). A row
 with an empty field, a missing file or a video that cannot be opened is reported in
@@ -42,7 +46,8 @@ CSV_COLUMNS = {  # our name -> VANS CSV column
     "question": "ENG_Instruction",
     "caption": "ENG_GT_Caption",
 }
-CSV_OPTIONAL = {"think": "ENG_Think", "id": "id"}
+CSV_OPTIONAL = {"think": "ENG_Think", "id": "id", "split": "split"}
+HELDOUT_SPLITS = ("val", "valid", "validation", "test", "heldout")
 JSONL_REQUIRED = ("video", "question", "caption", "gt_video")
 
 
@@ -54,6 +59,7 @@ class Sample:
     think: str
     caption: str  # ground-truth caption of the next event
     gt_video: str  # absolute path of the ground-truth next-event clip
+    split: str = ""  # "" or "train": a training row; one of HELDOUT_SPLITS: held out
 
 
 @dataclass
@@ -137,7 +143,10 @@ def _make_sample(label: str, row: dict, root: Path, check: bool) -> tuple[Sample
             return None, problem
     sample = Sample(id=str(row.get("id") or "").strip() or label.replace(" ", ""), video=str(video),
                     question=str(row["question"]).strip(), think=str(row.get("think") or "").strip(),
-                    caption=str(row["caption"]).strip(), gt_video=str(gt_video))
+                    caption=str(row["caption"]).strip(), gt_video=str(gt_video),
+                    split=str(row.get("split") or "").strip().lower())
+    if sample.split not in ("", "train") + HELDOUT_SPLITS:
+        return None, f"split '{sample.split}' is not known; use train or one of {', '.join(HELDOUT_SPLITS)}"
     return sample, None
 
 
@@ -171,6 +180,28 @@ def load_samples(path: str | os.PathLike, video_root: str | os.PathLike | None =
     if report.skipped:
         log.warning("dataset %s: %s", path.name, report.summary())
     return report
+
+
+def split_samples(samples: list[Sample], fraction: float = 0.0, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out). Rows whose ``split`` names a held-out set are held out; if none does, a seeded
+    ``fraction`` of the rows is drawn instead (at least one, and at least one row left to train on).
+    The draw is a pure function of (the sample ids, seed), so every process and every resume agree."""
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"data.heldout_fraction is {fraction}; use a value in [0, 1)")
+    marked = [s for s in samples if s.split in HELDOUT_SPLITS]
+    if marked:
+        train = [s for s in samples if s.split not in HELDOUT_SPLITS]
+    elif fraction > 0 and len(samples) > 1:
+        count = min(len(samples) - 1, max(1, round(fraction * len(samples))))
+        ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.id}:{s.video}".encode()).hexdigest())
+        held = {id(s) for s in ranked[:count]}
+        marked = [s for s in samples if id(s) in held]
+        train = [s for s in samples if id(s) not in held]
+    else:
+        return list(samples), []
+    if not train:
+        raise InputError("every row of the dataset is held out (split column); mark some rows split=train")
+    return train, marked
 
 
 # ----------------------------------------------------------------------------------------------------
