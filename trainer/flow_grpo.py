@@ -12,12 +12,26 @@ with KL between the two Gaussian steps of equal covariance (``vans.sampling.gaus
 elements of ‖μ_θ − μ_ref‖² / (2·std²)), ε = 1e-3 and β = 0.004 (VANS / Flow-GRPO Wan). Advantages come
 from ``vans.rewards.group_advantages`` and are clipped to ±``adv_clip``.
 
-Step selection (``plan_steps``): ``all`` (SDE at every step, train every step but the last, K − 1 steps: the
-Flow-GRPO trainer trains ``int(K · timestep_fraction)`` steps with ``timestep_fraction = 0.99``, i.e. it
-never trains the final σ → 0 transition), ``fraction`` (SDE everywhere, train a
-random subset of ⌊K·fraction⌋ steps, DanceGRPO) or ``window`` (Flow-GRPO-Fast: ODE, then ``window_size``
-SDE steps starting at a random step inside the high-noise range, then ODE; only the SDE steps train).
-The chosen steps are shared by the whole group, so advantages are not confounded by step difficulty.
+Step selection (``plan_steps``; the chosen steps are shared by the whole group, so advantages are not
+confounded by step difficulty):
+
+* ``all`` — SDE at every step, train every step but the last, K − 1 steps (the Flow-GRPO trainer trains
+  ``int(K · timestep_fraction)`` steps with ``timestep_fraction = 0.99``, i.e. it never trains the final σ → 0
+  transition). The paper's method and the default; the most DiT calls.
+* ``fraction`` — SDE everywhere, train a random subset of ⌊K·fraction⌋ steps (DanceGRPO).
+* ``window`` — Flow-GRPO-Fast as its README describes it and its first version implements it (flow_grpo
+  ``sd3_pipeline_with_logprob_s1.py``, ``scripts/train_sd3_s1.py``): one ODE trajectory per prompt up to the
+  branch step b (``StepPlan.branch_at``), drawn uniformly per group inside the ``window`` range; there the group
+  branches into G rows, SDE for ``window_size`` steps (the only trained ones), ODE after. The README reports
+  2 trained steps as good as all 10 per epoch on PickScore. Use it when the budget is tight: the cheapest
+  likelihood-ratio mode, and the group's spread comes from the window's SDE draws only (clean credit assignment).
+  (flow_grpo's later ``sde_window_*`` refactor samples G independent noises, i.e. no shared prefix.)
+* ``sliding`` — MixGRPO (arXiv 2507.21802; Tencent-Hunyuan/MixGRPO ``fastvideo/utils/grpo_states.py``,
+  strategy ``progressive`` with overlap and roll-back): a window of ``window_size`` SDE + trained steps (MixGRPO 4)
+  whose start moves by ``slide_stride`` (1) every ``slide_every`` (25) optimizer steps from step 0 up to K − 2, then
+  rolls back to 0; ODE elsewhere; the group shares one noise, so the prefix is branched as for ``window``. The
+  start is a pure function of the optimizer step (``sliding_start``), so a resumed run replays it. MixGRPO reports
+  about 50 % less training time than DanceGRPO; use it to train every noise level over a run at a window's cost.
 """
 
 from __future__ import annotations
@@ -31,21 +45,59 @@ from vans.errors import InputError
 from vans.rewards import group_advantages
 from vans.sampling import VelocityFn, flow_sigmas, gaussian_step_kl, sde_step_logprob
 
-STEP_SELECTIONS = ("all", "fraction", "window")
+STEP_SELECTIONS = ("all", "fraction", "window", "sliding")
 
 
 @dataclass
 class StepPlan:
-    """Which steps of a K-step rollout are stochastic (``sde_steps``; None = all) and which are trained."""
+    """Which steps of a K-step rollout are stochastic (``sde_steps``; None = all) and which are trained.
+
+    ``branch_at``: the rollout shares one trajectory per group before this step and branches into the G rows
+    there (``vans.sampling.sample_flow(branch_at=…, branch_size=G)`` with one initial noise); None = G rows
+    from the start."""
 
     sde_steps: list[int] | None
     train_steps: list[int]
+    branch_at: int | None = None
+
+
+def sliding_start(step: int, num_steps: int, *, slide_every: int = 25, slide_stride: int = 1) -> int:
+    """MixGRPO's progressive window start after ``step`` optimizer steps: s·(⌊step / every⌋ mod (⌊(K − 2)/s⌋ + 1)).
+
+    The closed form of ``GRPOTrainingStates.update_iteration`` (MixGRPO ``grpo_states.py``): the start grows by s
+    every ``slide_every`` iterations and rolls back to 0 once it passes ``max_timesteps`` = K − 2; s = 0 keeps it
+    at 0."""
+    if slide_every < 1:
+        raise InputError(f"slide_every={slide_every}: must be at least 1 optimizer step")
+    if slide_stride < 0:
+        raise InputError(f"slide_stride={slide_stride}: must be >= 0")
+    if step < 0:
+        raise InputError(f"step={step}: must be >= 0")
+    if slide_stride == 0:
+        return 0
+    positions = max(0, num_steps - 2) // slide_stride + 1
+    return slide_stride * ((step // slide_every) % positions)
+
+
+def window_starts(num_steps: int, window: tuple[float, float], window_size: int) -> tuple[int, int, int]:
+    """(window size, first, last start) of ``window``: starts are drawn uniformly from first … last (inclusive)."""
+    lo, hi = window
+    if not 0 <= lo < hi <= 1:
+        raise InputError(f"window={list(window)}: need 0 <= start < end <= 1 (fractions of the steps, 0 = pure noise)")
+    size = max(1, min(int(window_size), num_steps))
+    first = min(int(math.floor(lo * num_steps)), num_steps - size)
+    last = max(first, min(int(math.ceil(hi * num_steps)) - size, num_steps - size))
+    return size, first, last
 
 
 def plan_steps(num_steps: int, selection: str = "all", *, fraction: float = 1.0,
                window: tuple[float, float] = (0.0, 0.5), window_size: int = 2,
-               generator: torch.Generator | None = None) -> StepPlan:
-    """Draw the SDE / trained steps for one group (see the module docstring)."""
+               generator: torch.Generator | None = None, step: int = 0, slide_every: int = 25,
+               slide_stride: int = 1) -> StepPlan:
+    """Draw the SDE / trained steps for one group (see the module docstring).
+
+    ``generator`` draws the random choices (``fraction``, ``window``); ``step`` (optimizer steps done) alone
+    fixes ``sliding``."""
     if num_steps < 1:
         raise InputError(f"steps={num_steps}: a rollout needs at least one step")
     if selection == "all":  # all but the last step (Flow-GRPO: int(K · 0.99)); one step: that step
@@ -57,15 +109,19 @@ def plan_steps(num_steps: int, selection: str = "all", *, fraction: float = 1.0,
         picked = torch.randperm(num_steps, generator=generator)[:count]
         return StepPlan(None, sorted(int(i) for i in picked))
     if selection == "window":
-        lo, hi = window
-        if not 0 <= lo < hi <= 1:
-            raise InputError(f"window={list(window)}: need 0 <= start < end <= 1 (fractions of the steps, 0 = pure noise)")
-        size = max(1, min(int(window_size), num_steps))
-        first = min(int(math.floor(lo * num_steps)), num_steps - size)
-        last = max(first, min(int(math.ceil(hi * num_steps)) - size, num_steps - size))
+        size, first, last = window_starts(num_steps, window, window_size)
         start = first + int(torch.randint(last - first + 1, (1,), generator=generator))
         steps = list(range(start, start + size))
-        return StepPlan(steps, steps)
+        return StepPlan(steps, steps, branch_at=start)
+    if selection == "sliding":
+        # MixGRPO ends the window at its max_timesteps (K − 2) exclusive, so a start of K − 2 gives an empty window;
+        # here the window ends before the last step K − 1 as ``all`` does (never the σ → 0 transition), so every
+        # start MixGRPO visits trains at least one step.
+        if window_size < 1:
+            raise InputError(f"window_size={window_size}: must be at least 1")
+        start = sliding_start(step, num_steps, slide_every=slide_every, slide_stride=slide_stride)
+        steps = list(range(start, max(start + 1, min(start + int(window_size), num_steps - 1))))
+        return StepPlan(steps, steps, branch_at=start)
     raise InputError(f"step selection {selection!r}: use one of {', '.join(STEP_SELECTIONS)}")
 
 

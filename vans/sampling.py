@@ -9,6 +9,11 @@ The SDE step (Flow-GRPO) has mean
     μ = x + Δ·[v + s²/(2σ)·(x + (1 − σ)·v)],   Δ = σ' − σ < 0,
 and standard deviation s·√(−Δ) with s = a·√(σ / (1 − σ)); its log-probability is a mean over the
 elements of one sample (not a sum), computed in fp32. With a = 0 the step is the Euler step.
+
+Branching (``sample_flow(branch_at=b, branch_size=G)``): the form of Flow-GRPO-Fast described in the flow_grpo
+README ("Flow-GRPO-Fast") and implemented in its first version (``sd3_pipeline_with_logprob_s1.py``): one trajectory
+per prompt runs steps 0 … b − 1, then its state is copied to G rows that continue independently (SDE inside the
+window, ODE after). The prefix costs one row per step instead of G.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .errors import InputError
 from .progress import progress
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,6 +127,8 @@ def sample_flow(
     keep_steps: Iterable[int] = (),
     generator: torch.Generator | None = None,
     desc: str = "sampling",
+    branch_at: int | None = None,
+    branch_size: int = 1,
 ) -> SampleResult:
     """Integrate from pure noise to σ = 0.
 
@@ -128,15 +136,33 @@ def sample_flow(
     ``sde_steps`` (all steps when None) and the ODE elsewhere, as Flow-GRPO-Fast / MixGRPO do.
     States, next states and log-probs are stored only for ``keep_steps`` (memory: one latent each).
     The loop does no host synchronisation: nothing is read back to the CPU until the end.
+
+    ``branch_at`` = b (None: no branching): the ``noise`` rows (one per prompt, usually 1) run steps 0 … b − 1
+    alone; right before step b each row is repeated ``branch_size`` times (``repeat_interleave``: rows
+    p·G … p·G + G − 1 branch from noise row p), and the loop goes on unchanged with B·G rows, so the states
+    of step b are identical across each group and the rows differ only by the SDE draws from step b on.
+    ``velocity`` sees batch B before the branch and B·G after (``VideoGenerator.guided_velocity`` expands a
+    batch-1 caption and context). Kept steps must be ≥ b (the trained rows are the branched ones).
+    Without ``branch_at`` the loop is exactly the unbranched one.
     """
+    keep = set(keep_steps)
+    if branch_at is not None:
+        if not 0 <= branch_at < num_steps:
+            raise InputError(f"branch_at={branch_at}: must be a step index in [0, {num_steps - 1}]")
+        if branch_size < 1:
+            raise InputError(f"branch_size={branch_size}: must be at least 1")
+        early = sorted(i for i in keep if i < branch_at)
+        if early:
+            raise InputError(f"keep_steps {early} come before branch_at={branch_at}: only branched steps are kept")
     sigmas = flow_sigmas(num_steps, shift, device=noise.device)
     sigma_cap = float(flow_sigmas(num_steps, shift)[1]) if num_steps > 1 else 0.5
     sde_set = set(range(num_steps)) if sde_steps is None else set(sde_steps)
-    keep = set(keep_steps)
     result = SampleResult(latents=noise, sigmas=sigmas)
     x = noise.float()
     with progress(num_steps, desc) as bar:
         for i in range(num_steps):
+            if i == branch_at:
+                x = x.repeat_interleave(branch_size, dim=0)
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             v = velocity(x.to(noise.dtype), sigma)
             level = noise_level if i in sde_set else 0.0
