@@ -208,6 +208,63 @@ def test_cli_refuses_an_empty_question(tmp_path, demo_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any model load fails the test: the inputs must be refused before it."""
+    import vans.pipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("models were loaded before the inputs were checked")
+
+    monkeypatch.setattr(vans.pipeline, "load_models", load)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing video", "video file not found: {tmp}/nope.mp4; check the path"),
+    ("folder as video", "video path is a folder, not a file"),
+    ("empty video", "video file is empty (0 bytes)"),
+    ("not a video", "could not be opened as a video"),
+    ("too short", "has 3 frame(s), need at least 6"),
+    ("blank question", "question is empty"),
+    ("out under a file", "--out folder {tmp}/file.txt/out cannot be created: {tmp}/file.txt is a file"),
+])
+def test_cli_checks_every_input_before_loading_a_model(case, message, tmp_path, demo_dir, capsys, no_model_loading):
+    from vans.__main__ import main
+
+    good = write_demo_inputs(tmp_path / "in.mp4", num_frames=12)
+    video, question, out = good, "What happens next?", tmp_path / "out"
+    if case == "missing video":
+        video = tmp_path / "nope.mp4"
+    elif case == "folder as video":
+        video = tmp_path
+    elif case == "empty video":
+        video = tmp_path / "empty.mp4"
+        video.write_bytes(b"")
+    elif case == "not a video":
+        video = tmp_path / "notes.mp4"
+        video.write_text("not a video", encoding="utf-8")
+    elif case == "too short":
+        video = write_demo_inputs(tmp_path / "short.mp4", num_frames=3)
+    elif case == "blank question":
+        question = "   "
+    elif case == "out under a file":
+        (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+        out = tmp_path / "file.txt" / "out"
+    code = main(["answer", "--video", str(video), "--question", question, "--models-dir", str(demo_dir),
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert message.format(tmp=tmp_path) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_output_folder_leaves_nothing_behind(tmp_path):
+    from vans.pipeline import check_output_folder
+
+    assert check_output_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []  # neither the folders nor the probe file
+
+
 def test_text_embeddings_are_cached_and_the_cache_is_bounded(models, monkeypatch):
     from vans.generator import VideoGenerator
 

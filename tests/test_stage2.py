@@ -233,10 +233,13 @@ def test_full_fine_tune_step_and_merged_export(tmp_path, demo_models, demo_datas
 
 
 def test_resume_replays_the_uninterrupted_run(tmp_path, demo_models, demo_dataset):
-    quick = (*LEARN, "grpo.group_size=4", "run.steps=2", "run.save_every=1", "optim.lr=1e-3")
+    # VLM anchors kept for later visits (anchor.reuse, the default): 2 of the 4 samples per step, so step 3
+    # after the resume revisits step 1's samples, whose anchors the resumed process did not draw itself
+    quick = (*LEARN, "anchor.source=vlm", "anchor.max_new_tokens=8", "grpo.group_size=4", "run.prompts_per_step=2",
+             "run.steps=3", "run.save_every=1", "optim.lr=1e-3")
     whole = make(tmp_path / "whole", demo_models, demo_dataset, *quick)
     train(*whole)
-    first = make(tmp_path / "split", demo_models, demo_dataset, *quick, "run.stop_at=1")
+    first = make(tmp_path / "split", demo_models, demo_dataset, *quick, "run.stop_at=2")
     assert not train(*first).finished
     second = make(tmp_path / "split", demo_models, demo_dataset, *quick)
     second[0].run.resume = True
@@ -244,7 +247,9 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, demo_models, demo_datase
     def strip(rows):
         return [{k: v for k, v in r.items() if not k.startswith(("time", "mem/"))} for r in rows]
 
-    assert strip(read_metrics(tmp_path / "split")) == strip(read_metrics(tmp_path / "whole"))
+    resumed, uninterrupted = strip(read_metrics(tmp_path / "split")), strip(read_metrics(tmp_path / "whole"))
+    assert [r["count/anchor_vlm_calls"] for r in uninterrupted] == [2 * whole[0].anchor.max_tries] * 2 + [0]
+    assert resumed == uninterrupted  # count/anchor_vlm_calls included: the anchors came with the checkpoint
     for k, v in whole[1].trainable_state_dict().items():
         assert torch.equal(v, second[1].trainable_state_dict()[k]), k
 

@@ -1,6 +1,7 @@
 """Checkpoints and the generic runner on a toy policy: atomic saves, exact resume, kill -9, NaN, OOM."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -156,3 +157,74 @@ def test_resume_with_other_settings_says_which(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vans.trainer"):
         run_toy(tmp_path / "again", "run.resume=true")  # only the resume keys changed: no warning
     assert not any("differ from the saved run" in r.getMessage() for r in caplog.records)
+
+
+def _summary_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "vans.trainer"]
+
+
+def test_every_run_ends_with_a_summary_of_steps_rewards_time_and_files(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="vans.trainer"):
+        part, _ = run_toy(tmp_path, "run.stop_at=3")
+    lines = _summary_lines(caplog)
+    stop = next(i for i, line in enumerate(lines) if line.startswith("training stopped"))
+    assert re.fullmatch(r"training stopped after step 3 of 6, \d+\.\d s; continue with --resume", lines[stop])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vans.trainer"):
+        done, _ = run_toy(tmp_path, "run.resume=true")
+    lines = _summary_lines(caplog)
+    end = next(i for i, line in enumerate(lines) if line.startswith("training finished"))
+    assert re.fullmatch(r"training finished: steps 4-6 of 6, resumed after step 3, \d+\.\d s", lines[end])
+    rows = read_metrics(tmp_path)  # first -> last over the whole run, read from metrics.jsonl
+    first, last = rows[0]["reward/total"], rows[-1]["reward/total"]
+    assert lines[end + 1] == f"  reward/total: {first:.4g} (step 1) -> {last:.4g} (step 6)"
+    assert lines[end + 2:] == [f"  metrics: {tmp_path / 'metrics.jsonl'}", f"  checkpoints: {tmp_path / 'checkpoints'}",
+                               f"  export weights: {done.exports['weights']}"]
+    assert (tmp_path / "export" / "toy.safetensors").samefile(done.exports["weights"])
+
+
+def test_a_supervised_policy_summarises_its_loss_and_validation(tmp_path, caplog):
+    class Supervised(ToyPolicy):
+        name = "sft"
+
+        def step(self, batch, step):
+            out = super().step(batch, step)
+            return {"loss": out["loss"], "val/loss": 2 * out["loss"]}
+
+    with caplog.at_level("INFO", logger="vans.trainer"):
+        run_toy(tmp_path, policy=Supervised())
+    lines = _summary_lines(caplog)
+    rows = read_metrics(tmp_path)
+    assert any(re.fullmatch(r"step 6/6 loss \S+ val/loss \S+ grad_norm \S+ time/step_s \S+", line) for line in lines)
+    end = next(i for i, line in enumerate(lines) if line.startswith("sft finished: steps 1-6 of 6, "))
+    assert lines[end + 1:end + 3] == [f"  loss: {rows[0]['loss']:.4g} (step 1) -> {rows[-1]['loss']:.4g} (step 6)",
+                                      f"  val/loss: {rows[0]['val/loss']:.4g} (step 1) -> "
+                                      f"{rows[-1]['val/loss']:.4g} (step 6)"]
+
+
+def test_one_log_format_for_every_stage():
+    import logging
+
+    from trainer.runner import LogFormatter
+
+    def record(level, text):
+        return logging.LogRecord("vans.trainer", level, __file__, 1, text, None, None)
+
+    assert LogFormatter().format(record(logging.INFO, "step 1/6 reward/total 0.9")) == "step 1/6 reward/total 0.9"
+    assert LogFormatter().format(record(logging.WARNING, "a group was skipped")) == "warning: a group was skipped"
+    assert LogFormatter("[rank 1] ").format(record(logging.ERROR, "rank 1 failed")) == "[rank 1] error: rank 1 failed"
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_both_stage_commands_set_up_the_shared_log_format(stage, monkeypatch, capsys):
+    import importlib
+
+    import trainer.runner
+
+    module = importlib.import_module(f"trainer.{stage}")
+    calls = []
+    monkeypatch.setattr(trainer.runner, "setup_logging", lambda: calls.append(stage))
+    monkeypatch.setattr(module, "setup_logging", lambda: calls.append(stage), raising=False)
+    assert module.main(["--set", "optim.lrr=1"]) == 2
+    assert calls == [stage]
+    assert capsys.readouterr().err.strip().startswith("error: unknown config key 'optim.lrr'; did you mean optim.lr?")

@@ -37,6 +37,18 @@ def test_unknown_key_names_it_and_the_closest(override, named, suggested):
     assert f"'{named}'" in str(err.value) and suggested in str(err.value)
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("optim.lrr=1", "did you mean optim.lr?"),  # a leaf of the same section, never the section 'optim' itself
+    ("optim.betaz=1", "did you mean optim.betas?"),
+    ("optimm.lr=1", "did you mean optim?"),  # a misspelt section: the section
+    ("optim.zzzz=1", "valid keys in optim: lr, weight_decay, betas, warmup, schedule, grad_clip"),
+])
+def test_unknown_key_hint_stays_in_its_section(override, hint):
+    with pytest.raises(InputError) as err:
+        load_config(Stage1Config, None, [override])
+    assert f"; {hint} (see --help)" in str(err.value)
+
+
 def test_unknown_key_in_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("render:\n  widht: 32\n", encoding="utf-8")

@@ -112,15 +112,26 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, cls_root: type) -> InputError:
+    """The error for an unknown key, suggesting the closest valid keys: first a key of the same name in another
+    section ("lr" -> "optim.lr"), then the nearest names inside the key's own section ("optim.lrr" ->
+    "optim.lr"; never the section itself), else the section's keys (or, at the top level, keys of a similar
+    name anywhere)."""
     keys = valid_keys(cls_root)
-    last = key.rsplit(".", 1)[-1]
-    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]  # "lr" -> "optim.lr"
-    close = list(dict.fromkeys(same_name + difflib.get_close_matches(key, keys, n=3, cutoff=0.5)))[:3]
-    if not close:
+    parent, _, last = key.rpartition(".")
+    prefix = parent + "." if parent else ""
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
+    siblings = [k[len(prefix):] for k in keys if k.startswith(prefix) and "." not in k[len(prefix):]]
+    near = [prefix + name for name in difflib.get_close_matches(last, siblings, n=3, cutoff=0.6)]
+    close = list(dict.fromkeys(same_name + near))[:3]
+    if close:
+        hint = f"did you mean {', '.join(close)}?"
+    elif parent:
+        hint = f"valid keys in {parent}: {', '.join(siblings)}"
+    else:
         lasts = difflib.get_close_matches(last, [k.rsplit(".", 1)[-1] for k in keys], n=3, cutoff=0.6)
         close = [k for k in keys if k.rsplit(".", 1)[-1] in lasts][:3]
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid top-level keys: {', '.join(f.name for f in dataclasses.fields(cls_root))}"
-    return InputError(f"unknown config key '{key}'{hint} (see --help)")
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid top-level keys: {', '.join(siblings)}"
+    return InputError(f"unknown config key '{key}'; {hint} (see --help)")
 
 
 # ----------------------------------------------------------------------------------------------------

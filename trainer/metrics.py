@@ -97,15 +97,15 @@ class MetricsLogger:
             self._tb = None
 
     def plot(self, keys: Iterable[str] | None = None, name: str = "reward_curves.png") -> Path | None:
-        """PNG of the given metrics (default: every ``reward/*`` key) against step; None without matplotlib."""
+        """PNG of the given metrics (default: ``headline_keys``) against step; None without matplotlib."""
         if not self.enabled:
             return None
         rows = read_metrics(self.path)
         if keys is None:
-            keys = sorted({k for r in rows for k in r if k.startswith("reward/")})
+            keys = sorted(headline_keys(k for r in rows for k in r))
         keys = list(keys)
         if not rows or not keys:
-            log.info("no reward metrics to plot in %s", self.path)
+            log.info("no reward or loss metrics to plot in %s", self.path)
             return None
         try:
             import matplotlib
@@ -116,19 +116,38 @@ class MetricsLogger:
             log.info("matplotlib is not installed: no reward curves PNG (pip install matplotlib); "
                      "the numbers are in %s", self.path)
             return None
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), lw=1)
-            ax.set_ylabel(key, fontsize=8)
-            ax.grid(alpha=0.3)
-        axes[-1, 0].set_xlabel("step")
-        fig.tight_layout()
+        fig = curves_figure(rows, keys)
         out = self.out_dir / name
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+def headline_keys(names: Iterable[str]) -> list[str]:
+    """The keys that say how a run goes, in order of first appearance: every ``reward/*`` key when there is
+    one (the GRPO stages), else ``loss`` and every ``val/*`` key (a supervised stage)."""
+    names = list(dict.fromkeys(names))
+    rewards = [k for k in names if k.startswith("reward/")]
+    return rewards or [k for k in names if k == "loss" or k.startswith("val/")]
+
+
+def curves_figure(rows: list[dict], keys: list[str]):
+    """A matplotlib figure with one panel per key against the step; steps are whole numbers, so the x ticks
+    are too (``MaxNLocator(integer=True)``: a 3-step run shows 1, 2, 3, never 1.25)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), lw=1)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    return fig
 
 
 def reset_peak_memory(device: torch.device) -> None:

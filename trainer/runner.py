@@ -8,7 +8,14 @@ owns everything around it:
       → all-reduce gradients (mean over processes) → skip the update if any gradient is non-finite
         or all are zero (no group gave a signal)
       → clip → AdamW step → LR schedule → metrics (reduced over processes) → checkpoint every N steps
-    → export (main process) → PNG curves.
+    → export (main process) → PNG curves → an end-of-run summary in the log (steps run, first → last
+      headline metric, time, every file exported).
+
+Logging: every stage's command line calls ``setup_logging`` (one format for all stages: the message for
+INFO, ``warning:`` / ``error:`` before the others, ``[rank N]`` under data parallel, where other ranks
+show warnings only). Per step the runner logs ``step N/total`` and the headline metrics
+(``trainer.metrics.headline_keys``: ``reward/*`` when the policy reports any, else ``loss`` and
+``val/*``), then ``kl``, ``clip_frac``, ``grad_norm`` and ``time/step_s`` when present.
 
 Exact resume: every step reseeds python/numpy/torch from (seed, step, rank) and the data order is a
 pure function of (seed, epoch), so a resumed run draws the same rollouts as an uninterrupted one; on
@@ -39,12 +46,12 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from vans.errors import InputError, VansError
-from vans.progress import progress
+from vans.progress import format_seconds, progress
 
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
 from .config import save_config
 from .data import Sample, load_samples
-from .metrics import MetricsLogger, peak_memory_mb, reset_peak_memory
+from .metrics import MetricsLogger, headline_keys, peak_memory_mb, read_metrics, reset_peak_memory
 
 log = logging.getLogger("vans.trainer")
 
@@ -79,7 +86,14 @@ def reduce_metric_values(gathered: list[dict]) -> dict:
 
 class TrainingPolicy(Protocol):
     """What a stage implements. ``step`` must leave gradients in the trainable parameters (it calls
-    ``loss.backward()``) and return a dict of numbers; it never steps the optimizer."""
+    ``loss.backward()``) and return a dict of numbers; it never steps the optimizer.
+
+    Optional, found with ``getattr``: ``name`` (how the end-of-run summary names the run, e.g. "stage 1";
+    default "training"); ``extra_state()`` / ``load_extra_state(state)``: a JSON-able dict of per-sample
+    state the policy keeps between steps (stage 2's accepted anchors), saved in every checkpoint and given
+    back on resume, so a resumed run sees what an uninterrupted one would. Under data parallel every
+    process's dict is saved and each gets its own back; a resume with another number of processes gives
+    every process the dicts of all merged key by key (so keys must mean the same on every process)."""
 
     memory_settings: Sequence[str]  # config keys to lower when a step runs out of memory
 
@@ -281,14 +295,65 @@ def _resume(cfg, policy, optimizer, scheduler, ckpt_dir: Path, logger: MetricsLo
             raise InputError(f"{message}; launch {saved} processes or set run.allow_world_size_change=true")
         log.warning("%s (allowed by run.allow_world_size_change)", message)
     policy.load_trainable_state_dict(trainable)
+    _load_policy_state(policy, extra.get("policy_state"), runtime)
     logger.truncate_after(extra["step"])
     log.info("resumed from %s (step %d, data position %s)", path, extra["step"], data_state.get("position"))
     return int(extra["step"])
 
 
+def _policy_state(policy, runtime: Runtime) -> list[dict] | None:
+    """Every process's ``policy.extra_state()`` (rank order), or None for a policy without one."""
+    get = getattr(policy, "extra_state", None)
+    if get is None:
+        return None
+    state = dict(get())
+    if not runtime.distributed:
+        return [state]
+    gathered: list[dict] = [None] * runtime.world_size  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _load_policy_state(policy, saved: list[dict] | None, runtime: Runtime) -> None:
+    load = getattr(policy, "load_extra_state", None)
+    if load is None or not saved:
+        return
+    if len(saved) == runtime.world_size:
+        load(dict(saved[runtime.rank]))
+        return
+    merged: dict = {}
+    for state in saved:
+        merged.update(state)
+    load(merged)
+
+
+def setup_logging() -> None:
+    """The log format of every stage's command line (see the module docstring). Reads the process's rank from
+    the launcher's ``RANK`` / ``WORLD_SIZE``; leaves an already configured root logger alone."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter(f"[rank {rank}] " if world > 1 else ""))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
+
+
+class LogFormatter(logging.Formatter):
+    """``message`` for INFO and below, ``warning: message`` / ``error: message`` above, after a prefix."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__("%(message)s")
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return self.prefix + text
+
+
 def run_training(cfg, policy: TrainingPolicy, *, runtime: Runtime | None = None,
                  samples: list[Sample] | None = None) -> RunResult:
     """Train ``policy`` for ``cfg.run.steps`` steps (``cfg`` has ``run``, ``optim``, ``data`` sections)."""
+    started = time.perf_counter()
     runtime = runtime or setup_runtime(cfg.run)
     run = cfg.run
     out_dir = Path(run.out_dir)
@@ -337,8 +402,43 @@ def run_training(cfg, policy: TrainingPolicy, *, runtime: Runtime | None = None,
         result.exports = policy.export(out_dir / "export") or {}
         if run.plot:
             result.plot = MetricsLogger(out_dir, enabled=True, tensorboard=False).plot()
+    if runtime.is_main:
+        for line in run_summary(result, run.steps, read_metrics(logger.path), time.perf_counter() - started,
+                                name=getattr(policy, "name", "training")):
+            log.info("%s", line)
     runtime.barrier()
     return result
+
+
+def run_summary(result: RunResult, steps: int, rows: list[dict], seconds: float, *, name: str = "training"
+                ) -> list[str]:
+    """The end-of-run report: what ran, how the headline metric moved over the whole run (step 1 to the last
+    step in metrics.jsonl, so a resumed run reports its whole history), the time of this invocation, and every
+    file the run wrote. Headline: ``reward/total`` or ``reward/total_mean`` when present, else every key
+    ``headline_keys`` picks (at most four)."""
+    ran = result.last_step - result.first_step + 1
+    span = f"steps {result.first_step}-{result.last_step}" if ran > 1 else f"step {result.last_step}"
+    resumed = f", resumed after step {result.first_step - 1}" if result.first_step > 1 else ""
+    if ran < 1:
+        lines = [f"{name}: nothing to run, step {result.last_step} of {steps} was already reached"]
+    elif result.finished:
+        lines = [f"{name} finished: {span} of {steps}{resumed}, {format_seconds(seconds)}"]
+    else:
+        lines = [f"{name} stopped after step {result.last_step} of {steps}{resumed}, {format_seconds(seconds)}; "
+                 "continue with --resume"]
+    names = [k for r in rows for k in r]
+    total = [k for k in ("reward/total", "reward/total_mean") if k in names]
+    for key in (total or headline_keys(names))[:4]:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            (first_step, first), (last_step, last) = points[0], points[-1]
+            lines.append(f"  {key}: {first:.4g} (step {first_step}) -> {last:.4g} (step {last_step})"
+                         if last_step != first_step else f"  {key}: {last:.4g} (step {last_step})")
+    files = {"metrics": result.out_dir / "metrics.jsonl", "checkpoints": result.out_dir / "checkpoints",
+             **({"curves": result.plot} if result.plot else {}),
+             **{f"export {kind}": path for kind, path in result.exports.items()}}
+    lines.extend(f"  {kind}: {path}" for kind, path in files.items())
+    return lines
 
 
 # keys a resumed run may change on purpose
@@ -439,17 +539,22 @@ def _raise_if_any_failed(runtime: Runtime, error: BaseException | None, step: in
 
 
 def _save(policy, optimizer, scheduler, ckpt_dir: Path, step: int, order: DataOrder, run, runtime: Runtime) -> None:
+    policy_state = _policy_state(policy, runtime)  # gathered on every process
     if runtime.is_main:
         position = step * run.prompts_per_step
+        extra = {"world_size": runtime.world_size, **({"policy_state": policy_state} if policy_state else {})}
         save_training_state(ckpt_dir, step, trainable=policy.trainable_state_dict(), optimizer=optimizer,
                             scheduler=scheduler, data_state={"position": position,
                                                              "epoch": position // max(1, order.count)},
-                            extra={"world_size": runtime.world_size}, keep_last=run.keep_last)
+                            extra=extra, keep_last=run.keep_last)
     runtime.barrier()
 
 
 def _summary(metrics: dict) -> str:
-    keys = [k for k in metrics if k.startswith(("reward/", "anchor/"))] + ["kl", "clip_frac", "grad_norm", "time/step_s"]
+    """The metrics of one step's log line (see the module docstring)."""
+    heads = set(headline_keys(metrics))
+    keys = [k for k in metrics if k in heads or k.startswith("anchor/")] + ["kl", "clip_frac", "grad_norm",
+                                                                           "time/step_s"]
     parts = []
     for key in keys:
         value = metrics.get(key)

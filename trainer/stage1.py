@@ -53,7 +53,7 @@ from vans.lora import DEFAULT_TARGETS
 from .config import DataConfig, OptimConfig, RunConfig, doc, parse_cli, section
 from .data import FeatureCache, Sample, vae_tiling_key
 from .grpo import grpo_token_loss
-from .runner import Runtime, run_training, setup_runtime
+from .runner import Runtime, run_training, setup_logging, setup_runtime
 
 log = logging.getLogger("vans.trainer")
 
@@ -161,6 +161,7 @@ def _generation_settings(render: RenderSection):
 class Stage1Policy:
     """The captioner with a LoRA adapter (trained), the frozen video model and CLIP (reward)."""
 
+    name = "stage 1"
     memory_settings = ("rollout.group_size", "rollout.max_new_tokens", "rollout.max_pixels", "render.batch",
                        "render.width/height/num_frames", "or set render.offload=true")
 
@@ -193,15 +194,7 @@ class Stage1Policy:
         self.cache = FeatureCache(cfg.data.cache_dir or Path(cfg.run.out_dir) / "cache")
 
     def _start_checkpoint(self, paths) -> Path | None:
-        choice = self.cfg.vlm_checkpoint
-        if choice in ("", "none"):
-            return None
-        if choice == "auto":
-            return paths.vlm_checkpoint
-        path = Path(choice).expanduser()
-        if not path.is_file():
-            raise InputError(f"vlm_checkpoint file not found: {path}; give a path, auto or none")
-        return path
+        return start_vlm_checkpoint(self.cfg.vlm_checkpoint, paths)
 
     # -- TrainingPolicy -------------------------------------------------------------------------------
 
@@ -402,26 +395,46 @@ class Stage1Policy:
     # -- export -----------------------------------------------------------------------------------------
 
     def export(self, out_dir: Path) -> dict[str, str]:
-        from vans.checkpoints import save_state_dict, start_checkpoint_metadata
-        from vans.lora import merged_state_dict, save_lora
+        return export_vlm(self.captioner.model, out_dir, base_model=self.paths.vlm, start=self.paths.vlm_checkpoint,
+                          adapter=self.cfg.export.adapter, merged=self.cfg.export.merged, stage="1")
 
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        start_meta = start_checkpoint_metadata(self.paths.vlm_checkpoint)
-        start = start_meta["start_checkpoint"]
-        written = {}
-        if self.cfg.export.adapter:  # a delta on the start weights: loading it applies the recorded start first
-            written["adapter"] = str(save_lora(self.captioner.model, out_dir / "vlm_lora.safetensors",
-                                               extra_metadata={**start_meta, "stage": "1"}))
-        if self.cfg.export.merged:
-            merged = merged_state_dict(self.captioner.model)
-            written["merged"] = str(save_state_dict(merged, out_dir / "vlm_merged.safetensors",
-                                                    metadata={"format": "vans-merged", "start_checkpoint": start,
-                                                              "stage": "1"}))
-        info = {"base_model": str(self.paths.vlm), "start_checkpoint": start, **written,
-                "load": "vans.captioner.load_captioner(base_model, checkpoint=merged)"}
-        (out_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        return written
+
+def start_vlm_checkpoint(choice: str, paths) -> Path | None:
+    """The ``vlm_checkpoint`` setting as a file: auto (the VANS vlm.safetensors in models_dir, if any), none, a path."""
+    if choice in ("", "none"):
+        return None
+    if choice == "auto":
+        return paths.vlm_checkpoint
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise InputError(f"vlm_checkpoint file not found: {path}; give a path, auto or none")
+    return path
+
+
+EXPORT_NAMES = ("vlm_lora.safetensors", "vlm_merged.safetensors")  # (adapter, merged) under <out_dir>/export
+
+
+def export_vlm(model, out_dir: Path, *, base_model, start, adapter: bool, merged: bool, stage: str,
+               names: tuple[str, str] = EXPORT_NAMES) -> dict[str, str]:
+    """Write the adapter (``vans.lora.save_lora``, start recorded) and/or the merged VLM, and export.json."""
+    from vans.checkpoints import save_state_dict, start_checkpoint_metadata
+    from vans.lora import merged_state_dict, save_lora
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start_meta = start_checkpoint_metadata(start)
+    start = start_meta["start_checkpoint"]
+    written = {}
+    if adapter:  # a delta on the start weights: loading it applies the recorded start first
+        written["adapter"] = str(save_lora(model, out_dir / names[0], extra_metadata={**start_meta, "stage": stage}))
+    if merged:
+        written["merged"] = str(save_state_dict(merged_state_dict(model), out_dir / names[1],
+                                                metadata={"format": "vans-merged", "start_checkpoint": start,
+                                                          "stage": stage}))
+    info = {"base_model": str(base_model), "start_checkpoint": start, **written,
+            "load": "vans.captioner.load_captioner(base_model, checkpoint=merged)"}
+    (out_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,22 +442,15 @@ class Stage1Policy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = None
+    setup_logging()  # the runner logs every step and an end-of-run summary with the exported files
     try:
         cfg = parse_cli(Stage1Config, argv, "python -m trainer.stage1",
                         "Joint-GRPO stage 1: GRPO on the VLM captioner (LoRA), video model frozen in the reward.")
         runtime = setup_runtime(cfg.run)
-        logging.basicConfig(level=logging.INFO if runtime.is_main else logging.WARNING,
-                            format=f"[rank {runtime.rank}] %(message)s" if runtime.distributed else "%(message)s")
-        policy = Stage1Policy(cfg, runtime)
-        result = run_training(cfg, policy, runtime=runtime)
+        run_training(cfg, Stage1Policy(cfg, runtime), runtime=runtime)
     except VansError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if runtime.is_main:
-        done = "finished" if result.finished else f"stopped at step {result.last_step} (resume with --resume)"
-        print(f"stage 1 {done}: {result.out_dir}/metrics.jsonl, checkpoints in {result.out_dir}/checkpoints"
-              + "".join(f", {k}: {v}" for k, v in result.exports.items()))
     return 0
 
 

@@ -258,6 +258,7 @@ def _on(module, device: torch.device) -> Iterator[None]:
 class Stage2Policy:
     """The trainer's ``TrainingPolicy`` for stage 2 (see the module docstring for one step)."""
 
+    name = "stage 2"
     memory_settings = ("grpo.micro_batch", "grpo.group_size", "model.gradient_checkpointing",
                        "grpo.step_selection", "video.num_frames")
 
@@ -327,6 +328,16 @@ class Stage2Policy:
                                                        metadata=meta)
         files["dit"] = dit_lora.export_merged_dit(self.generator.dit, out / e.merged_name, dtype=e.dtype, metadata=meta)
         return files
+
+    def extra_state(self) -> dict[str, list]:
+        """The anchors kept for later visits (``anchor.reuse``), by sample id: ``[caption or None, VLM draws of
+        the first visit, GT used]``. The runner saves them in every checkpoint, so a resumed run reuses them
+        as an uninterrupted run does: it draws no anchor again, and ``count/anchor_vlm_calls`` (the VLM draws
+        made at a step) matches the uninterrupted run's."""
+        return {sample_id: list(kept) for sample_id, kept in self._anchors.items()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._anchors = {str(sample_id): (kept[0], int(kept[1]), bool(kept[2])) for sample_id, kept in state.items()}
 
     def step(self, samples: list, step: int) -> dict[str, float]:
         """Rollouts, rewards and the backward pass of one optimizer step over the local ``samples``."""
@@ -592,21 +603,21 @@ def train(cfg: Stage2Config, *, samples=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     from vans.errors import VansError
 
     from .config import parse_cli
+    from .runner import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()  # the runner logs every step and an end-of-run summary with the exported files
     try:
         cfg = parse_cli(Stage2Config, argv, "python -m trainer.stage2",
                         "Stage 2 of VANS Joint-GRPO: Flow-GRPO on the Wan2.1 DiT with the stage-1 VLM frozen.")
-        result = train(cfg)
+        train(cfg)
     except VansError as exc:
-        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if result.exports:
-        for kind, path in result.exports.items():
-            log.info("exported %s: %s", kind, path)
     return 0
 
 

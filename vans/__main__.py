@@ -112,11 +112,16 @@ def _settings(args):
 def run_answer(args) -> int:
     from . import progress
     from .models import require, resolve_models
-    from .pipeline import answer, load_models, pick_device, pick_dtype, save_answer
+    from .pipeline import answer, check_inputs, check_output_folder, load_models, pick_device, pick_dtype, save_answer
 
     out = Path(args.out)
     models_dir = args.models_dir
     video, question = args.video, args.question
+    if not args.demo and (not video or question is None):
+        print("error: --video and --question are required (or use --demo)", file=sys.stderr)
+        return 2
+    # every input the user gave is checked before the models load (minutes for the real weights)
+    check_output_folder(out, what="--out folder")
     if args.demo:
         from .fixtures import write_demo_inputs, write_demo_models
 
@@ -125,20 +130,13 @@ def run_answer(args) -> int:
         if not video:
             video = write_demo_inputs(out / "demo_input.mp4")
         question = question or "What will happen next?"
-    if not video or question is None:
-        print("error: --video and --question are required (or use --demo)", file=sys.stderr)
-        return 2
+    settings = _settings(args)
+    question = check_inputs(video, question, settings)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
     paths = resolve_models(models_dir, dit=args.dit, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                            vae=args.vae, vlm=args.vlm, vlm_checkpoint=args.vlm_checkpoint)
     require(paths, ("dit", "text_encoder", "vae", "vlm"), models_dir)
-    settings = _settings(args)
-    settings.video.validate()
-    settings.frame_pick.validate()
-    from .prompts import validate_question
-
-    validate_question(question)
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
     t0 = time.perf_counter()
     models = load_models(paths, device=device, dtype=dtype, offload=not args.no_offload, allow_pickle=args.allow_pickle)
     load_s = time.perf_counter() - t0

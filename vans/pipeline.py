@@ -89,6 +89,45 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_output_folder(out_dir: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """Make sure files can be written into ``out_dir`` (before any model loads) without creating it: a
+    probe file is created and removed in the folder, or in its nearest existing parent when it does not
+    exist yet (``save_answer`` creates the missing folders)."""
+    import tempfile
+
+    out = Path(out_dir)
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise InputError(f"{what} {out} cannot be created: {base} is a file, not a folder; pick another folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".vans-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(f"{what} {out} cannot be written ({reason} in {base}); pick a folder you can write to") \
+            from None
+    return out
+
+
+def check_inputs(video_path: str | os.PathLike, question: str, settings: AnswerSettings | None = None) -> str:
+    """Refuse a bad answer request before any model loads (loading takes minutes): the question, the
+    settings, and the input video (exists, readable, a video with at least the VLM's frame count).
+    Returns the question as ``answer`` will use it."""
+    from .prompts import system_prompt_text, validate_question
+    from .video import _require_frames, probe
+
+    settings = settings or AnswerSettings()
+    question = validate_question(question)
+    system_prompt_text(settings.caption.system_prompt)
+    settings.video.validate()
+    settings.frame_pick.validate()
+    info = probe(video_path, what="video")
+    _require_frames(os.fspath(video_path), "video", info.frames, settings.caption.num_frames)
+    return question
+
+
 def load_models(paths: ModelPaths, *, device: torch.device, dtype: torch.dtype, offload: bool = True,
                 allow_pickle: bool = False) -> VansModels:
     from .captioner import load_captioner

@@ -8,15 +8,23 @@ batch)::
             ...
             bar.update()          # reports, then raises Cancelled if the host asked to stop
 
-Headless the bar is tqdm. A host installs its own reporter with ``use_reporter``; ComfyUI's
-progress hook checks its Cancel flag on each update, so every update is an interrupt point. A host
-can also install a plain cancel check with ``use_cancel_check`` (tests use a threading.Event).
+Headless the bar is tqdm on a terminal. When stderr is not a terminal (output redirected to a file, a
+batch job's log) tqdm draws nothing, so the outermost running loop writes plain lines to stderr instead,
+at most one every ``LOG_INTERVAL_S`` seconds (``sampling: 22/50 (44%), 10.1 s elapsed, about 12.9 s
+left``) and a last one when it ends, if it logged before or ran longer than that; loops nested inside it
+stay silent (a training run logs its steps, not every denoising loop of every rollout).
+
+A host installs its own reporter with ``use_reporter``; ComfyUI's progress hook checks its Cancel flag
+on each update, so every update is an interrupt point. A host can also install a plain cancel check with
+``use_cancel_check`` (tests use a threading.Event).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
+import time
 from typing import Callable, Iterator, Protocol
 
 from .errors import Cancelled
@@ -35,6 +43,7 @@ _cancel_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.C
     "vans_cancel_check", default=None
 )
 _quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("vans_quiet", default=False)
+_logging: contextvars.ContextVar[bool] = contextvars.ContextVar("vans_progress_logging", default=False)
 
 
 class _TqdmBar:
@@ -48,6 +57,68 @@ class _TqdmBar:
 
     def close(self) -> None:
         self._bar.close()
+
+
+LOG_INTERVAL_S = 10.0  # seconds between two progress lines when stderr is not a terminal
+
+
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def format_seconds(value: float) -> str:
+    """12.3 s, 4 min 05 s, 2 h 07 min."""
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(int(round(value)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class _LogBar:
+    """Progress as plain lines on stderr, for logs: at most one line per ``interval`` seconds."""
+
+    def __init__(self, total: int, desc: str, *, interval: float | None = None,
+                 clock: Callable[[], float] | None = None):
+        self.total, self.desc, self.done = max(0, int(total)), desc, 0
+        self.interval = LOG_INTERVAL_S if interval is None else interval
+        self._clock = clock or time.monotonic
+        self._start = self._last = self._clock()
+        self._lines = 0
+        self._closed = False
+
+    def _write(self, text: str) -> None:
+        print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+        self._lines += 1
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if now - self._last >= self.interval and self.done < self.total:
+            self._last = now
+            elapsed = now - self._start
+            left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            percent = f" ({100 * self.done // self.total}%)" if self.total else ""
+            eta = f", about {format_seconds(left)} left" if left == left else ""
+            self._write(f"{self.done}/{self.total}{percent}, {format_seconds(elapsed)} elapsed{eta}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        elapsed = self._clock() - self._start
+        if self._lines or elapsed >= self.interval:
+            ended = "done" if self.done >= self.total else "stopped at"
+            self._write(f"{ended} {self.done}/{self.total} after {format_seconds(elapsed)}")
+
+
+def _default_bar(total: int, desc: str) -> Bar:
+    if _quiet.get() or _logging.get() or _stderr_is_terminal():
+        return _TqdmBar(total, desc)  # draws on a terminal; nothing when quiet or not a terminal
+    return _LogBar(total, desc)
 
 
 class _CheckedBar:
@@ -74,12 +145,15 @@ def raise_if_cancelled() -> None:
 @contextlib.contextmanager
 def progress(total: int, desc: str) -> Iterator[Bar]:
     factory = _reporter.get()
-    inner = factory(total, desc) if factory is not None else _TqdmBar(total, desc)
+    inner = factory(total, desc) if factory is not None else _default_bar(total, desc)
     bar = _CheckedBar(inner, _cancel_check.get())
-    raise_if_cancelled()
+    token = _logging.set(True) if isinstance(inner, _LogBar) else None  # nested loops stay silent
     try:
+        raise_if_cancelled()
         yield bar
     finally:
+        if token is not None:
+            _logging.reset(token)
         bar.close()
 
 

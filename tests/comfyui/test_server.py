@@ -17,6 +17,11 @@ from server_harness import PACK_FOLDER_NAME
 from test_inprocess import GOLDEN, snapshot_from_v1_info
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+# API-format copy (workflows/api/<key>.json, the name the CLI and the batch runner take) -> UI template
+# (workflows/<value>.json; the template browser shows the file name as the card's title and description).
+TEMPLATES = {"vnep": "VANS - Answer a question with a video",
+             "multi_future": "VANS - Two questions, two answer videos",
+             "reward_scoring": "VANS - Score a caption and an answer video"}
 SMALL = {"width": 64, "height": 48, "length": 33}
 
 
@@ -102,8 +107,8 @@ def test_object_info_lists_every_node_with_its_tooltips(server):
 
 def test_workflows_are_listed_as_templates_without_the_api_copies(server):
     templates = server.get("/api/workflow_templates")
-    assert sorted(templates[PACK_FOLDER_NAME]) == ["multi_future", "reward_scoring", "vnep"]
-    served = server.get(f"/api/workflow_templates/{PACK_FOLDER_NAME}/vnep.json")
+    assert sorted(templates[PACK_FOLDER_NAME]) == sorted(TEMPLATES.values())
+    served = server.get(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{TEMPLATES['vnep']}.json")
     assert {n["type"] for n in served["nodes"]} >= {"VANSNextEventCaption", "VANSContextConditioning", "KSampler"}
 
 
