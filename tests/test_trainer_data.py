@@ -161,3 +161,15 @@ def test_split_column_and_seeded_fraction(tmp_path):
     assert len(split_samples(unmarked[:2], fraction=0.9)[0]) == 1  # always one row left to train on
     with pytest.raises(InputError, match="heldout_fraction"):
         split_samples(unmarked, fraction=1.0)
+
+
+def test_held_out_rows_do_not_depend_on_where_the_dataset_lives(tmp_path):
+    import shutil
+
+    from trainer.data import split_samples
+
+    first = write_demo_dataset(tmp_path / "here", count=8)
+    shutil.copytree(tmp_path / "here", tmp_path / "moved" / "elsewhere")
+    moved = tmp_path / "moved" / "elsewhere" / first.name
+    held = [s.id for s in split_samples(load_samples(first).samples, fraction=0.25, seed=2)[1]]
+    assert held == [s.id for s in split_samples(load_samples(moved).samples, fraction=0.25, seed=2)[1]]

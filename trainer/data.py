@@ -185,7 +185,8 @@ def load_samples(path: str | os.PathLike, video_root: str | os.PathLike | None =
 def split_samples(samples: list[Sample], fraction: float = 0.0, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """(train, held-out). Rows whose ``split`` names a held-out set are held out; if none does, a seeded
     ``fraction`` of the rows is drawn instead (at least one, and at least one row left to train on).
-    The draw is a pure function of (the sample ids, seed), so every process and every resume agree."""
+    The draw is a pure function of (the sample ids and video file names, seed), so every process and every
+    resume agree, and moving the dataset folder keeps the same rows held out."""
     if not 0.0 <= fraction < 1.0:
         raise InputError(f"data.heldout_fraction is {fraction}; use a value in [0, 1)")
     marked = [s for s in samples if s.split in HELDOUT_SPLITS]
@@ -193,7 +194,7 @@ def split_samples(samples: list[Sample], fraction: float = 0.0, seed: int = 0) -
         train = [s for s in samples if s.split not in HELDOUT_SPLITS]
     elif fraction > 0 and len(samples) > 1:
         count = min(len(samples) - 1, max(1, round(fraction * len(samples))))
-        ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.id}:{s.video}".encode()).hexdigest())
+        ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.id}:{Path(s.video).name}".encode()).hexdigest())
         held = {id(s) for s in ranked[:count]}
         marked = [s for s in samples if id(s) in held]
         train = [s for s in samples if id(s) not in held]
