@@ -317,7 +317,7 @@ def test_train_nft_kl_term_needs_and_uses_the_reference(model):
 # -- 4. FLOP model (vans.bench) ---------------------------------------------------------------------------------
 
 def test_stage2_rows_equal_the_hand_counts():
-    from vans.bench import stage2_rows
+    from vans.flops import stage2_rows
 
     # today: rollout K·G·2 = 20·8·2 = 320; training 19 steps × 16 rows × (1 + 1.5 + 1 ckpt + 1 reference) = 1368
     assert stage2_rows(trained_steps=19) == {"rollout": 320, "train": 1368, "total": 1688}
@@ -331,7 +331,7 @@ def test_stage2_rows_equal_the_hand_counts():
 
 
 def test_stage2_projection_at_the_real_size():
-    from vans.bench import stage2_modes, stage2_projection
+    from vans.flops import stage2_modes, stage2_projection
 
     modes = stage2_modes()
     # the window's starts are 0 … 8 (window (0, 0.5) of 20 steps, size 2): mean branch point 4
