@@ -13,10 +13,10 @@ import torch
 from comfy_api.latest import io
 
 from ..vans.clip import ARCH_CHOICES
-from ..vans.errors import ModelFileError
+from ..vans.errors import InputError, ModelFileError
 from .batching import format_scores, split_videos
 from .display import HIDDEN, output_with_text
-from .host import (REWARD_FOLDER_KEY, check_choice, engine_call, list_files, load_to_device, manage,
+from .host import (REWARD_FOLDER_KEY, VansNode, check_inputs, engine_call, list_files, load_to_device, manage,
                    model_file_errors, resolve_file)
 
 VansCLIP = io.Custom("VANS_CLIP")
@@ -54,6 +54,8 @@ def load_clip_model(clip_name: str, allow_pickle: bool, arch: str = "auto") -> C
 def _placed(handle: ClipHandle):
     """The scorer, with its model where ComfyUI put it and its own small tensors (normalisation
     constants) moved along, so preprocessing runs on the same device."""
+    if not isinstance(handle, ClipHandle):
+        raise InputError("clip: connect the output of VANS Load CLIP (reward)")
     device = load_to_device(handle.patcher)
     scorer = handle.scorer
     for name, value in vars(scorer).items():
@@ -63,7 +65,7 @@ def _placed(handle: ClipHandle):
     return scorer
 
 
-class VANSLoadCLIP(io.ComfyNode):
+class VANSLoadCLIP(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -87,11 +89,8 @@ class VANSLoadCLIP(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, clip_name=None):
-        return check_choice("clip_name", clip_name, clip_choices())
-
-    @classmethod
     def execute(cls, clip_name, allow_pickle, arch=None) -> io.NodeOutput:
+        check_inputs(cls, locals())  # also refuses names outside the listed files (e.g. "../..")
         return io.NodeOutput(load_clip_model(clip_name, allow_pickle, arch or "auto"))
 
 
@@ -100,7 +99,7 @@ def _candidates_input():
         "How many videos of equal length the video batch holds (e.g. KSampler batch_size); each gets a score"))
 
 
-class VANSClipVideoScore(io.ComfyNode):
+class VANSClipVideoScore(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -124,13 +123,14 @@ class VANSClipVideoScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, video, reference, candidates) -> io.NodeOutput:
+        check_inputs(cls, locals())
         videos = split_videos(video, candidates, what="video")
         with engine_call():
             scores = [float(s) for s in _placed(clip).clip_v_group(videos, reference).tolist()]
         return output_with_text(cls, format_scores("CLIP-V", scores), scores)
 
 
-class VANSClipTextScore(io.ComfyNode):
+class VANSClipTextScore(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -152,6 +152,7 @@ class VANSClipTextScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, video, text, candidates) -> io.NodeOutput:
+        check_inputs(cls, locals())
         videos = split_videos(video, candidates, what="video")
         with engine_call():
             scores = [float(s) for s in _placed(clip).clip_t_group(videos, text).tolist()]

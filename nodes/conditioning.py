@@ -27,7 +27,7 @@ from ..vans.context import DEFAULT_NUM_CONTEXT, prepend_context, select_context,
 from ..vans.errors import InputError
 from ..vans.video import FRAME_PICKS
 from ..vans.wan.tiling import OFFICIAL_TILE_SIZE, OFFICIAL_TILE_STRIDE, tiled_encode
-from .host import engine_call
+from .host import VansNode, check_inputs, engine_call
 
 MAX_SIZE = 16384
 WRAPPER_KEY = "vans_context"
@@ -40,7 +40,7 @@ def latent_frames(length: int) -> int:
 
 
 def check_video_settings(width, height, length, num_context) -> str | None:
-    """One message naming the setting and the fix, or None. Unset (linked) values are skipped."""
+    """One message naming the setting and the fix, or None. Unset values are skipped."""
     for name, value in (("width", width), ("height", height)):
         if value is not None and (not 16 <= value <= MAX_SIZE or value % 16):
             return f"{name}={value}: must be a multiple of 16 between 16 and {MAX_SIZE} (VANS: 640×352)"
@@ -49,8 +49,10 @@ def check_video_settings(width, height, length, num_context) -> str | None:
         hint = f"use {below}" if below == above else f"use {below} or {above}"
         return f"length={length}: Wan needs 4n+1 frames, at least 5 (VANS: 33); {hint}"
     if length is not None and num_context is not None and not 1 <= num_context <= latent_frames(length):
-        return (f"num_context={num_context}: must be between 1 and the {latent_frames(length)} latent frames "
-                f"of a {length}-frame clip")
+        fix = (f"lower num_context to {latent_frames(length)} or raise length to {4 * (num_context - 1) + 1}"
+               if num_context > 1 else "use at least 1")
+        return (f"num_context={num_context}: a {length}-frame clip has {latent_frames(length)} latent frames; "
+                f"{fix}")
     return None
 
 
@@ -61,8 +63,9 @@ def context_clip(frames: torch.Tensor, length: int, height: int, width: int, fra
     resized to cover height×width and centre-cropped, so node and CLI see the same frames."""
     from ..vans.video import FramePick, pick_indices, resize_frames
 
-    if frames.ndim != 4 or frames.shape[0] < 1 or frames.shape[-1] < 3:
-        raise InputError(f"frames: expected a video as an IMAGE batch [frames, height, width, 3], got shape {tuple(frames.shape)}")
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[0] < 1 or frames.shape[-1] < 3:
+        raise InputError(f"frames: expected a video as an IMAGE batch [frames, height, width, 3], got "
+                         f"{tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")
     pick = FramePick(frame_pick, pick_fps)
     pick.validate()
     if pick.mode == "fps" and not fps > 0:
@@ -190,12 +193,12 @@ def compute_dtype(model) -> torch.dtype | None:
 def condition(model, vae, frames, width, height, length, num_context, batch_size, frame_pick="fps",
               pick_fps=11.0, fps=0.0):
     """Everything the node does, callable without the node class (tests use it directly)."""
-    import comfy.model_management
-    import comfy.patcher_extension
-
     problem = check_video_settings(width, height, length, num_context)
     if problem:
         raise InputError(problem)
+    import comfy.model_management
+    import comfy.patcher_extension
+
     check_wan21_t2v(model)
     with engine_call():
         clip = context_clip(frames, length, height, width, frame_pick, pick_fps, fps)
@@ -211,7 +214,7 @@ def condition(model, vae, frames, width, height, length, num_context, batch_size
     return patched, {"samples": latent}
 
 
-class VANSContextConditioning(io.ComfyNode):
+class VANSContextConditioning(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -261,12 +264,9 @@ class VANSContextConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, length=None, num_context=None):
-        return check_video_settings(width, height, length, num_context) or True
-
-    @classmethod
     def execute(cls, model, vae, frames, width, height, length, num_context, batch_size, frame_pick=None,
                 pick_fps=None, fps=None) -> io.NodeOutput:
+        check_inputs(cls, locals())  # then condition() checks how the video settings fit together
         patched, latent = condition(model, vae, frames, width, height, length, num_context, batch_size,
                                     frame_pick or "fps", 11.0 if pick_fps is None else pick_fps, fps or 0.0)
         return io.NodeOutput(patched, latent)

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from ..vans.errors import InputError
 from .batching import format_scores
 from .display import HIDDEN, output_with_text
+from .host import VansNode, check_inputs
 
 CATEGORY = "VANS/rewards"
 
@@ -20,7 +21,7 @@ def _text_input(name: str, tooltip: str):
     return io.String.Input(name, multiline=True, default="", tooltip=tooltip)
 
 
-class VANSFormatReward(io.ComfyNode):
+class VANSFormatReward(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -36,13 +37,14 @@ class VANSFormatReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, raw) -> io.NodeOutput:
+        check_inputs(cls, locals())
         from ..vans.rewards import format_reward
 
         score = float(format_reward(raw))
         return output_with_text(cls, format_scores("format", [score]), score)
 
 
-class VANSRougeL(io.ComfyNode):
+class VANSRougeL(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -61,13 +63,14 @@ class VANSRougeL(io.ComfyNode):
 
     @classmethod
     def execute(cls, prediction, reference) -> io.NodeOutput:
+        check_inputs(cls, locals())
         from ..vans.rewards import rouge_l
 
         score = float(rouge_l(prediction, reference))
         return output_with_text(cls, format_scores("ROUGE-L", [score]), score)
 
 
-class VANSBleu(io.ComfyNode):
+class VANSBleu(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -87,6 +90,7 @@ class VANSBleu(io.ComfyNode):
 
     @classmethod
     def execute(cls, prediction, reference) -> io.NodeOutput:
+        check_inputs(cls, locals())
         from ..vans.rewards import bleu
 
         scores = [float(s) for s in bleu(prediction, reference, max_n=4)]
@@ -110,7 +114,7 @@ def _per_item(values: list, count: int, name: str) -> list:
     raise InputError(f"{name}: got {len(values)} values for a group of {count}; give one per caption or one for all")
 
 
-class VANSStage1Reward(io.ComfyNode):
+class VANSStage1Reward(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -140,6 +144,7 @@ class VANSStage1Reward(io.ComfyNode):
 
     @classmethod
     def execute(cls, raw, reference, clip_v) -> io.NodeOutput:
+        check_inputs(cls, locals())
         from ..vans.rewards import stage1_reward
 
         group = len(raw)
@@ -152,7 +157,7 @@ class VANSStage1Reward(io.ComfyNode):
         return output_with_text(cls, text, reward, fmt, rouge)
 
 
-class VANSStage2Reward(io.ComfyNode):
+class VANSStage2Reward(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -175,6 +180,7 @@ class VANSStage2Reward(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_v, clip_t) -> io.NodeOutput:
+        check_inputs(cls, locals())
         from ..vans.rewards import stage2_reward
 
         if len(clip_v) != len(clip_t):

@@ -11,9 +11,10 @@ from comfy_api.latest import io
 
 from .batching import best_index, format_scores, split_videos
 from .display import HIDDEN, output_with_text
+from .host import VansNode, check_inputs
 
 
-class VANSBestOfN(io.ComfyNode):
+class VANSBestOfN(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -39,6 +40,7 @@ class VANSBestOfN(io.ComfyNode):
 
     @classmethod
     def execute(cls, videos, rewards) -> io.NodeOutput:
+        check_inputs(cls, locals())
         scores = [float(r) for r in rewards]
         candidates = split_videos(videos, len(scores))
         best = best_index(scores)

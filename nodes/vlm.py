@@ -17,8 +17,8 @@ from ..vans.errors import InputError, ModelFileError
 from ..vans.prompts import SYSTEM_PROMPTS
 from .display import HIDDEN, output_with_text
 from .frames import MIN_VLM_FRAMES, pick_vlm_frames
-from .host import (NONE_CHOICE, VLM_FOLDER_KEY, check_choice, engine_call, list_files, list_model_dirs,
-                   load_to_device, manage, model_file_errors, offload, resolve_dir, resolve_file)
+from .host import (NONE_CHOICE, VLM_FOLDER_KEY, VansNode, check_inputs, engine_call, list_files, list_model_dirs,
+                   load_to_device, manage, model_file_errors, offload, resolve_dir, resolve_file, video_folders)
 
 VansVLM = io.Custom("VANS_VLM")
 
@@ -30,6 +30,7 @@ DEFAULT_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
 MAX_PIXELS = 16384 * PIXELS_PER_TOKEN
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SYSTEM_PROMPT_CHOICES = tuple(SYSTEM_PROMPTS)
+VIDEO_FPS_NOTE = "sampled by the video's own frame rate; the fps widget applies to the frames input only"
 # model-weight shards of a Hugging Face folder are not VANS checkpoints
 _SHARD_PREFIXES = ("model.safetensors", "model-0", "diffusion_pytorch_model")
 
@@ -91,7 +92,7 @@ def _offload_device() -> torch.device:
     return mm.unet_offload_device()
 
 
-class VANSLoadVLM(io.ComfyNode):
+class VANSLoadVLM(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -116,32 +117,20 @@ class VANSLoadVLM(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model=None, checkpoint=None, dtype=None, attention=None):
-        folders = vlm_choices()
-        if model is not None and not folders:
-            return (f"model: no VLM folder in models/{VLM_FOLDER_KEY}; put the Qwen2.5-VL-3B-Instruct folder there "
-                    "(Hugging Face layout, with config.json) and refresh")
-        for name, value, options in (("model", model, folders), ("checkpoint", checkpoint, checkpoint_choices()),
-                                     ("dtype", dtype, DTYPES), ("attention", attention, ATTENTIONS)):
-            verdict = check_choice(name, value, options)
-            if verdict is not True:
-                return verdict
-        return True
-
-    @classmethod
     def execute(cls, model, checkpoint, dtype, attention) -> io.NodeOutput:
+        if not vlm_choices():
+            raise ModelFileError(f"model: no VLM folder in models/{VLM_FOLDER_KEY}; put the Qwen2.5-VL-3B-Instruct "
+                                 "folder there (Hugging Face layout, with config.json) and refresh")
+        check_inputs(cls, locals())  # also refuses names outside the listed folders (e.g. "../..")
         return io.NodeOutput(load_vlm(model, checkpoint, dtype, attention))
 
 
-def check_caption_settings(num_frames=None, min_pixels=None, max_pixels=None) -> str | bool:
-    if num_frames is not None and (num_frames < MIN_VLM_FRAMES or num_frames % 2 or num_frames > 1024):
-        return f"num_frames={num_frames}: use an even number between 2 and 1024 (VANS: 6)"
-    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if value is not None and not PIXELS_PER_TOKEN <= value <= MAX_PIXELS:
-            return f"{name}={value}: must be between {PIXELS_PER_TOKEN} (28·28) and {MAX_PIXELS}"
-    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        return f"min_pixels={min_pixels} is above max_pixels={max_pixels}; lower min_pixels"
-    return True
+def check_caption_settings(num_frames: int, min_pixels: int, max_pixels: int) -> None:
+    """What the caption node's schema cannot say (its ranges are checked by ``check_inputs``)."""
+    if num_frames % 2:
+        raise InputError(f"num_frames={num_frames}: use an even number, the VLM reads frames in pairs (VANS: 6)")
+    if min_pixels > max_pixels:
+        raise InputError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}; lower min_pixels or raise max_pixels")
 
 
 def caption(vlm: VlmHandle, frames, fps, video, question, num_frames, sample_fps, min_pixels, max_pixels,
@@ -153,8 +142,9 @@ def caption(vlm: VlmHandle, frames, fps, video, question, num_frames, sample_fps
     from ..vans.prompts import system_prompt_text
 
     prompt_text = system_prompt_text(system_prompt)
+    folders = video_folders() if video is not None else ()
     with engine_call():  # decoding reports progress and stops on Cancel too
-        clip = pick_vlm_frames(frames, fps, video, num_frames, sample_fps)
+        clip = pick_vlm_frames(frames, fps, video, num_frames, sample_fps, folders)
     captioner = vlm.captioner
     captioner.device = load_to_device(vlm.patcher)
     settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -174,7 +164,7 @@ def caption(vlm: VlmHandle, frames, fps, video, question, num_frames, sample_fps
             offload(vlm.patcher)
 
 
-class VANSNextEventCaption(io.ComfyNode):
+class VANSNextEventCaption(VansNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -196,9 +186,9 @@ class VANSNextEventCaption(io.ComfyNode):
                 io.String.Input("question", multiline=True, default="What will happen next?", tooltip=(
                     "What you want to know about the video, e.g. 'What will the chef do next?'")),
                 io.Float.Input("fps", default=16.0, min=0.0, max=1000.0, step=0.001, tooltip=(
-                    "Frame rate of the frames input (Get Video Components gives it); only used with sample_fps; "
-                    "a video input carries its own")),
-                io.Int.Input("num_frames", default=6, min=2, max=1024, step=2, tooltip=(
+                    "Frame rate of the frames input (Get Video Components gives it), used only when sample_fps is "
+                    "above 0. Not used with the video input: a VIDEO carries its own rate (the node's text then notes it)")),
+                io.Int.Input("num_frames", default=6, min=MIN_VLM_FRAMES, max=1024, step=2, tooltip=(
                     "Frames the VLM sees, spread evenly over the whole clip (VANS: 6); the upper limit when "
                     "sample_fps is set; even, since the VLM reads frames in pairs")),
                 io.Float.Input("sample_fps", default=0.0, min=0.0, max=60.0, step=0.1, tooltip=(
@@ -240,13 +230,13 @@ class VANSNextEventCaption(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, num_frames=None, min_pixels=None, max_pixels=None):
-        return check_caption_settings(num_frames, min_pixels, max_pixels)
-
-    @classmethod
     def execute(cls, vlm, question, fps, num_frames, sample_fps, min_pixels, max_pixels, temperature, top_p,
                 max_new_tokens, answers, seed, offload, frames=None, video=None, system_prompt=None,
                 decoding=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
+        check_caption_settings(num_frames, min_pixels, max_pixels)
+        if not isinstance(vlm, VlmHandle):
+            raise InputError("vlm: connect the output of VANS Load VLM")
         # optional, so API prompts saved before these inputs existed still validate: official defaults, but
         # several answers keep the one group draw (policy) they had, which stays diverse under any folder config
         decoding = decoding or ("policy" if answers > 1 else "official")
@@ -255,6 +245,8 @@ class VANSNextEventCaption(io.ComfyNode):
                           decoding)
         captions, thinks, raws = (list(column) for column in zip(*results))
         shown = "\n\n".join(captions) if len(captions) == 1 else "\n\n".join(f"#{i}: {c}" for i, c in enumerate(captions))
+        if video is not None and sample_fps > 0:
+            shown += f"\n\n({VIDEO_FPS_NOTE})"
         return output_with_text(cls, shown, captions, thinks, raws)
 
 

@@ -23,6 +23,11 @@ class InputSpec:
         self.tooltip = tooltip
         self.options = options
 
+    def as_dict(self) -> dict:  # the V3 input's flat option dict (min, max, options, default, forceInput, …)
+        renamed = {"force_input": "forceInput", "dynamic_prompts": "dynamicPrompts"}
+        return {"optional": self.optional, "tooltip": self.tooltip,
+                **{renamed.get(key, key): value for key, value in self.options.items()}}
+
 
 class OutputSpec:
     def __init__(self, io_type: str, id=None, display_name=None, tooltip=None, is_output_list=False):

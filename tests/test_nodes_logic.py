@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -190,8 +191,9 @@ def test_node_encodes_the_context_in_the_official_tiles_as_the_engine(pack, tmp_
     (650, 352, 33, 6, "width=650"),
     (640, 8, 33, 6, "height=8"),
     (640, 352, 34, 6, "use 33 or 37"),
-    (640, 352, 33, 10, "between 1 and the 9 latent frames"),
-    (None, None, None, None, None),  # linked inputs are not known at validation time
+    (640, 352, 33, 10, "num_context=10: a 33-frame clip has 9 latent frames; lower num_context to 9 or raise length to 37"),
+    (640, 352, 17, 6, "num_context=6: a 17-frame clip has 5 latent frames; lower num_context to 5 or raise length to 21"),
+    (None, None, None, None, None),  # unset values are skipped
 ])
 def test_video_settings_are_checked_with_a_fix(pack, width, height, length, num_context, problem):
     message = pack["conditioning"].check_video_settings(width, height, length, num_context)
@@ -201,10 +203,18 @@ def test_video_settings_are_checked_with_a_fix(pack, width, height, length, num_
         assert problem in message
 
 
-def test_context_node_validation_reports_the_problem(pack):
+def test_context_node_refuses_bad_settings_when_it_runs_not_at_validation(pack):
+    """ComfyUI drops the outputs of a node that fails validation and runs the rest to "success"; the node
+    accepts at validation and stops the prompt when it runs, with one message naming the input."""
     node = pack["conditioning"].VANSContextConditioning
-    assert node.validate_inputs(width=640, height=352, length=33, num_context=6) is True
-    assert "4n+1" in node.validate_inputs(length=32)
+    assert node.validate_inputs(width=640, height=352, length=17, num_context=6) is True
+    settings = dict(model=None, vae=None, frames=torch.zeros(20, 8, 8, 3), width=640, height=352, batch_size=1)
+    with pytest.raises(pack["InputError"], match=r"^num_context=6: a 17-frame clip has 5 latent frames"):
+        node.execute(length=17, num_context=6, **settings)
+    with pytest.raises(pack["InputError"], match=r"^length=32: Wan needs 4n\+1 frames"):
+        node.execute(length=32, num_context=6, **settings)
+    with pytest.raises(pack["InputError"], match=r"^length=3: must be between 5 and 16384"):
+        node.execute(length=3, num_context=1, **settings)
 
 
 # -- candidates and scores ----------------------------------------------------------------------
@@ -348,11 +358,11 @@ def test_file_video_decodes_only_the_frames_the_vlm_sees(pack, tmp_path):
     from vans.video import read_video, synthetic_frames, write_video
 
     path = write_video(tmp_path / "clip.mp4", synthetic_frames(30, 48, 64), 10.0) or tmp_path / "clip.mp4"
-    picked = pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 6, 0.0)
+    picked = pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 6, 0.0, [tmp_path])
     expected = read_video(path, num_frames=6).frames
     assert picked.shape == (6, 48, 64, 3)
     torch.testing.assert_close(picked, expected)
-    by_rate = pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 16, 2.0)
+    by_rate = pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 16, 2.0, [tmp_path])
     assert by_rate.shape[0] == 6  # 3 s at 2 fps
 
 
@@ -360,7 +370,22 @@ def test_corrupt_file_video_is_an_input_error_naming_the_file(pack, tmp_path):
     path = tmp_path / "broken.mp4"
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     with pytest.raises(pack["InputError"], match="broken.mp4"):
-        pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 6, 0.0)
+        pack["frames"].pick_vlm_frames(None, 0.0, _FileVideo(path), 6, 0.0, [tmp_path])
+
+
+def test_video_file_outside_the_allowed_folders_is_refused_before_it_is_opened(pack, tmp_path):
+    inputs, outside = tmp_path / "input", tmp_path / "elsewhere"
+    inputs.mkdir(), outside.mkdir()
+    (outside / "secret.mp4").write_bytes(b"not read")
+    refused = pack["frames"].pick_vlm_frames
+    (inputs / "link.mp4").symlink_to(outside / "secret.mp4")
+    for path in (outside / "secret.mp4", inputs / ".." / "elsewhere" / "secret.mp4", "/etc/passwd",
+                 str(inputs) + "_sibling/clip.mp4", inputs / "link.mp4"):
+        with pytest.raises(pack["InputError"], match=r"^video: the file .* lies outside ComfyUI's input, output and temp"):
+            refused(None, 0.0, _FileVideo(path), 6, 0.0, [inputs])
+    with pytest.raises(pack["InputError"], match="outside"):  # no folder allowed: no file is read
+        refused(None, 0.0, _FileVideo(inputs / "clip.mp4"), 6, 0.0)
+    pack["frames"].check_video_file(inputs / "sub" / ".." / "clip.mp4", [tmp_path / "output", inputs])  # inside
 
 
 def test_context_clip_uses_the_engine_picking_and_resize(pack):
@@ -380,3 +405,124 @@ def test_context_clip_uses_the_engine_picking_and_resize(pack):
                                resize_frames(frames[:5], (48, 64), resize="crop"))
     with pytest.raises(pack["InputError"], match="connect Get Video Components' fps output to fps"):
         context_clip(frames, 33, 48, 64)
+
+
+# -- input checks: every input of every node, one message naming it -----------------------------
+NODE_MODULES = ("vlm", "conditioning", "rewards", "clip", "selection")
+CHECKS = "vans_pack_checks"
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """The pack with one VLM folder, one VLM checkpoint and one CLIP file in its model folders."""
+    root = tmp_path_factory.mktemp("model_folders")
+    (root / "LLM" / "Qwen-test").mkdir(parents=True)
+    (root / "LLM" / "Qwen-test" / "config.json").write_text("{}")
+    (root / "LLM" / "vlm.safetensors").write_bytes(b"")
+    (root / "reward_models").mkdir()
+    (root / "reward_models" / "clip.safetensors").write_bytes(b"")
+    with stubbed_pack(CHECKS, roots={"LLM": [str(root / "LLM")], "reward_models": [str(root / "reward_models")]}):
+        modules = {name: importlib.import_module(f"{CHECKS}.nodes.{name}") for name in NODE_MODULES}
+        modules["InputError"] = importlib.import_module(f"{CHECKS}.vans.errors").InputError
+        modules["classes"] = [cls for name in NODE_MODULES for cls in modules[name].NODES]
+        yield modules
+
+
+def widget_defaults(cls) -> dict:
+    """Execute arguments with every widget at its default (a combo without one at its first option) and
+    every socket unset, as lists for a node that takes whole lists."""
+    schema = cls.define_schema()
+    values = {}
+    for spec in schema.inputs:
+        value = spec.options.get("default")
+        if value is None and spec.io_type == "COMBO":
+            value = spec.options["options"][0]
+        values[spec.id] = [value] if schema.is_input_list else value
+    return values
+
+
+HOSTILE = {
+    "INT": ["abc", 2.5, True, {"a": 1}],
+    "FLOAT": ["abc", {"a": 1}, True],
+    "STRING": [{"a": 1}, 7, ["x"]],
+    "BOOLEAN": ["yes", 1],
+    "COMBO": ["../../../../etc/passwd", 3, "not-a-choice"],
+}
+
+
+def hostile_cases(classes):
+    for cls in classes:
+        schema = cls.define_schema()
+        for spec in schema.inputs:
+            opts = spec.options
+            bad = list(HOSTILE.get(spec.io_type, []))
+            if spec.io_type == "FLOAT" and not opts.get("force_input"):
+                bad += [math.nan, math.inf]
+            if opts.get("max") is not None:
+                bad.append(opts["max"] + 1)
+            if opts.get("min") is not None:
+                bad.append(opts["min"] - 1)
+            for value in bad:
+                yield cls, spec.id, value
+
+
+def test_every_node_takes_every_input_at_validation_and_accepts(checked):
+    """ComfyUI checks min/max (and, in newer releases, combo options) only for inputs a node's
+    validate_inputs does not take, and drops the outputs of a node that fails validation; each node
+    takes them all (**values) and accepts, leaving the checks to its execute."""
+    import inspect
+
+    for cls in checked["classes"]:
+        assert "validate_inputs" not in vars(cls), cls.__name__  # one rule for all nodes: VansNode's
+        spec = inspect.getfullargspec(cls.validate_inputs)
+        assert spec.varkw is not None and spec.args == ["cls"], cls.__name__
+        assert cls.validate_inputs(length=17, num_context=6, dtype="bf17", question={"a": 1}) is True
+
+
+def test_every_widget_input_refuses_a_hostile_value_naming_that_input(checked):
+    cases = list(hostile_cases(checked["classes"]))
+    assert len(cases) > 150  # every widget of every node
+    for cls, name, value in cases:
+        values = widget_defaults(cls)
+        values[name] = [value] if cls.define_schema().is_input_list else value
+        with pytest.raises(checked["InputError"]) as caught:
+            cls.execute(**values)
+        message = str(caught.value)
+        assert message.startswith((f"{name}:", f"{name}=")), (cls.__name__, name, value, message)
+        assert "\n" not in message
+
+
+def test_linked_nan_scores_pass_the_type_check(checked):
+    """A NaN from a reward node is a value (Best of N skips it); a widget value must be finite."""
+    check = checked["vlm"].check_inputs
+    best = checked["selection"].VANSBestOfN
+    check(best, {"videos": [torch.zeros(2, 1, 1, 3)], "rewards": [math.nan, 0.5]})
+    with pytest.raises(checked["InputError"], match=r"^rewards: expected a number, got 'x'"):
+        check(best, {"rewards": [0.1, "x"]})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_frames": "abc"}, "num_frames: expected a whole number, got 'abc'"),
+    ({"num_frames": 7}, "num_frames=7: use an even number"),
+    ({"min_pixels": 800 * 784, "max_pixels": 600 * 784}, "min_pixels=627200 is above max_pixels=470400"),
+    ({"question": {"a": 1}}, "question: expected text, got dict {'a': 1}"),
+    ({"temperature": math.nan}, "temperature: expected a finite number, got float nan"),
+    ({"decoding": "beam"}, "decoding: 'beam' is not one of the choices (official, policy)"),
+])
+def test_caption_settings_name_the_input_that_is_wrong(checked, overrides, message):
+    node = checked["vlm"].VANSNextEventCaption
+    values = widget_defaults(node) | overrides
+    with pytest.raises(checked["InputError"]) as caught:
+        node.execute(**values)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_model_choices_are_the_files_present_and_refuse_paths(checked):
+    loader = checked["vlm"].VANSLoadVLM
+    for name, value in (("model", "../../../etc"), ("checkpoint", "../vlm.safetensors"), ("dtype", "bf17"),
+                        ("attention", "flash")):
+        values = dict(model="Qwen-test", checkpoint="vlm.safetensors", dtype="auto", attention="sdpa") | {name: value}
+        with pytest.raises(checked["InputError"], match=rf"^{name}: '{re.escape(value)}' is not one of the choices"):
+            loader.execute(**values)
+    with pytest.raises(checked["InputError"], match=r"^clip_name: '\.\./clip\.safetensors' is not one of the choices \(clip"):
+        checked["clip"].VANSLoadCLIP.execute(clip_name="../clip.safetensors", allow_pickle=False)

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfyui_dir: Path, pack_root: Path, models, scratch: Path):
+    def __init__(self, comfyui_dir: Path, pack_root: Path, models, scratch: Path, extra_args: tuple[str, ...] = ()):
         self.comfyui_dir = comfyui_dir
         self.pack_root = pack_root
         self.models = models
@@ -38,6 +38,7 @@ class ComfyServer:
         self.log_path = scratch / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_args = tuple(extra_args)  # more main.py options, e.g. ("--front-end-root", folder)
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
@@ -62,7 +63,7 @@ class ComfyServer:
         env = dict(os.environ, VANS_TINY_ARCH=str(self.models.arch_file), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base), "--extra-model-paths-config", str(config),
-               "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
         self._log_file = open(self.log_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(cmd, cwd=self.comfyui_dir, stdout=self._log_file, stderr=subprocess.STDOUT,
                                         env=env)
