@@ -75,3 +75,27 @@ def test_eval_reads_a_local_run(models, tmp_path):
     pairs, left_out = match(tmp_path / "out" / "results.jsonl", items)
     assert [p.id for p in pairs] == ["a"] and pairs[0].video.is_file()  # only "a" has a ground truth
     assert left_out["no_ground_truth"] == 2
+
+
+def test_cli_manifest_then_eval(tmp_path):
+    import subprocess
+    import sys
+
+    manifest = _manifest(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    small = ["--width", "64", "--height", "48", "--frames", "9", "--steps", "2", "--context", "2",
+             "--max-new-tokens", "8"]
+    run = subprocess.run([sys.executable, "-m", "vans", "answer", "--demo", "--manifest", str(manifest), "--out",
+                          str(tmp_path / "out"), "--quiet", *small], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr  # one bad item
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["ok"], summary["error"]) == (2, 1)
+    assert not (tmp_path / "out" / "answer.json").exists()  # the single-answer files are not written
+    both = subprocess.run([sys.executable, "-m", "vans", "answer", "--manifest", str(manifest), "--video", "x.mp4",
+                           "--out", str(tmp_path / "o2")], cwd=root, capture_output=True, text=True)
+    assert both.returncode == 2 and "drop --video and --question" in both.stderr
+    ev = subprocess.run([sys.executable, "-m", "vans", "eval", str(tmp_path / "out" / "results.jsonl"), "--gt",
+                         str(manifest), "--out", str(tmp_path / "eval")], cwd=root, capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    table = json.loads((tmp_path / "eval" / "table.json").read_text())
+    assert "R-L" in json.dumps(table)

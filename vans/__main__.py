@@ -4,6 +4,7 @@
 
     python -m vans answer --demo --out out/              # tiny random models, any CPU, meaningless output
     python -m vans answer --video in.mp4 --question "What happens next?" --models-dir ComfyUI/models --out out/
+    python -m vans answer --manifest heldout.jsonl --models-dir ComfyUI/models --out runs/answers/  # then vans eval
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _answer_parser(sub) -> None:
     p = sub.add_parser("answer", help="answer a question about a video with a caption and a generated video")
     p.add_argument("--video", help="input video (any format FFmpeg reads); --demo makes one if omitted")
     p.add_argument("--question", help="the question, e.g. 'What will happen next?'")
+    p.add_argument("--manifest", help="answer every row of a CSV/JSONL manifest (the columns of `vans batch`) in this "
+                                      "process, models loaded once: --out gets results.jsonl + videos/ as `vans "
+                                      "batch` writes them (resumable; `vans eval` reads it)")
+    p.add_argument("--retry-failed", action="store_true", help="with --manifest: also rerun items that failed")
     p.add_argument("--out", required=True, help="output folder: answer.mp4, answer.txt, answer.json")
     p.add_argument("--demo", action="store_true", help="build tiny random-weight models and run on them (meaningless output)")
     g = p.add_argument_group("model files (default: found in --models-dir or the enclosing ComfyUI/models)")
@@ -117,8 +122,11 @@ def run_answer(args) -> int:
     out = Path(args.out)
     models_dir = args.models_dir
     video, question = args.video, args.question
-    if not args.demo and (not video or question is None):
-        print("error: --video and --question are required (or use --demo)", file=sys.stderr)
+    if args.manifest and (video or question is not None):
+        print("error: --manifest answers its own rows; drop --video and --question", file=sys.stderr)
+        return 2
+    if not args.demo and not args.manifest and (not video or question is None):
+        print("error: --video and --question are required (or use --manifest or --demo)", file=sys.stderr)
         return 2
     # every input the user gave is checked before the models load (minutes for the real weights)
     check_output_folder(out, what="--out folder")
@@ -127,11 +135,19 @@ def run_answer(args) -> int:
 
         print(DEMO_BANNER, file=sys.stderr)
         models_dir = write_demo_models(out / "demo_models")
-        if not video:
-            video = write_demo_inputs(out / "demo_input.mp4")
-        question = question or "What will happen next?"
+        if not args.manifest:
+            video = video or write_demo_inputs(out / "demo_input.mp4")
+            question = question or "What will happen next?"
     settings = _settings(args)
-    question = check_inputs(video, question, settings)
+    items = None
+    if args.manifest:
+        from .batch import load_manifest
+
+        items = load_manifest(args.manifest)  # bad videos fail their own item later, never the whole run
+        settings.video.validate()
+        settings.frame_pick.validate()
+    else:
+        question = check_inputs(video, question, settings)
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     paths = resolve_models(models_dir, dit=args.dit, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
@@ -141,6 +157,16 @@ def run_answer(args) -> int:
     models = load_models(paths, device=device, dtype=dtype, offload=not args.no_offload, allow_pickle=args.allow_pickle)
     load_s = time.perf_counter() - t0
     ctx = progress.quiet() if args.quiet else contextlib.nullcontext()
+    if items is not None:
+        from .batch.local import answer_manifest
+
+        extra = {"vlm": {"system_prompt": settings.caption.system_prompt, "decoding": settings.caption.decoding},
+                 "models": {k: str(v) for k, v in vars(paths).items() if v is not None}}
+        with ctx:
+            counts = answer_manifest(models, items, out, settings, record_extra=extra, retry_failed=args.retry_failed,
+                                     stream=None if args.quiet else sys.stderr)
+        print(json.dumps({"results": str(out / "results.jsonl"), **counts}))
+        return 0 if counts.get("ok", 0) == len(items) else 1
     with ctx:
         ans = answer(models, video, question, settings)
     ans.timings = {"load_s": load_s, **ans.timings}
