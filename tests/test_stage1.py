@@ -288,3 +288,14 @@ def test_cli_reports_bad_settings_in_one_line(capsys):
     assert main(["--config", str(CONFIGS / "stage1_tiny.yaml"), "--set", "optim.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "'optim.lrr'" in err and "optim.lr" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_names_a_missing_dit_file(capsys, tmp_path, demo_models, demo_dataset):
+    from trainer.stage1 import main
+
+    args = ["--config", str(CONFIGS / "stage1_tiny.yaml"), "--set", f"models_dir={demo_models}",
+            "--set", f"data.path={demo_dataset}", "--set", f"run.out_dir={tmp_path}",
+            "--set", f"dit={tmp_path / 'nope.safetensors'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "dit file not found" in err and "nope.safetensors" in err

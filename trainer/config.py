@@ -56,6 +56,16 @@ class DataConfig:
 
 
 @dataclass
+class HeldoutDataConfig(DataConfig):
+    """The data section of the SFT stages: a held-out split for validation (``trainer.data.split_samples``)."""
+
+    heldout_fraction: float = doc(0.0, "share of the rows held out for validation when no row's split column names a "
+                                       "held-out set (val, test, ...; seeded by heldout_seed, at least one row); 0 = none")
+    heldout_seed: int = doc(0, "seed of the heldout_fraction draw (kept apart from run.seed, so runs with other "
+                               "seeds validate on the same rows)")
+
+
+@dataclass
 class RunConfig:
     out_dir: str = doc("runs/stage", "output folder: checkpoints/, metrics.jsonl, tensorboard/, plots, export/")
     steps: int = doc(800, "optimizer steps of the whole run")

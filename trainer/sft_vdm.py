@@ -61,7 +61,7 @@ import torch
 from vans.errors import InputError, VansError
 
 from . import dit_lora
-from .config import DataConfig, OptimConfig, RunConfig, doc, section
+from .config import HeldoutDataConfig, OptimConfig, RunConfig, doc, section
 
 log = logging.getLogger("vans.trainer")
 
@@ -71,14 +71,6 @@ TIMESTEP_DTYPES = ("model", "fp32")
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
-
-
-@dataclass
-class SftDataConfig(DataConfig):
-    heldout_fraction: float = doc(0.0, "share of the rows held out for validation when no row's split column names a "
-                                       "held-out set (seeded by heldout_seed; at least one row); 0 = no held-out set")
-    heldout_seed: int = doc(0, "seed of the heldout_fraction draw (kept apart from run.seed, so runs with other "
-                               "seeds validate on the same clips)")
 
 
 @dataclass
@@ -148,7 +140,7 @@ class SftVdmConfig:
     models_dir: str = doc("", "ComfyUI-style models/ folder with the DiT, umT5 and VAE (see vans.models.ROLES)")
     dit: str = doc("", "DiT file to start from (default: found in models_dir, where vdm.safetensors is preferred; "
                        "to start from the base model name it, e.g. .../wan2.1_t2v_1.3B_bf16.safetensors)")
-    data: SftDataConfig = section(SftDataConfig, "dataset and held-out split")
+    data: HeldoutDataConfig = section(HeldoutDataConfig, "dataset and held-out split")
     run: SftVdmRunConfig = section(SftVdmRunConfig, "run length, output, checkpoints, device")
     optim: OptimConfig = section(OptimConfig, "optimizer (VANS VDM SFT: lr 5e-5)")
     model: ModelSection = section(ModelSection, "what trains on the DiT")

@@ -33,8 +33,7 @@ start weights recorded) and ``vlm_sft_merged.safetensors`` (the whole VLM with t
 ``vans answer --vlm-checkpoint``, the ComfyUI VLM loader (from ``models/LLM``) and stage 1's
 ``vlm_checkpoint`` read; ``heldout.json`` holds the final held-out figures when validation is on.
 
-``SftDataConfig`` (the held-out split keys) and ``load_split`` serve any SFT stage (``trainer.sft_vdm`` has
-its own copy of the keys for now).
+The held-out split keys are ``trainer.config.HeldoutDataConfig``, shared with ``trainer.sft_vdm``.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ import torch
 
 from vans.errors import InputError, VansError
 
-from .config import DataConfig, OptimConfig, RunConfig, doc, parse_cli, section
+from .config import HeldoutDataConfig, OptimConfig, RunConfig, doc, parse_cli, section
 from .data import Sample, load_samples, split_samples
 from .runner import Runtime, run_training, setup_logging, setup_runtime
 from .stage1 import ExportSection, LoraSection, export_vlm, start_vlm_checkpoint
@@ -66,14 +65,6 @@ _TAGS = ("[Think]", "[/Think]", "[Ans]", "[/Ans]")
 
 # ----------------------------------------------------------------------------------------------------
 # Config
-
-
-@dataclass
-class SftDataConfig(DataConfig):
-    heldout_fraction: float = doc(0.0, "fraction of the rows held out for validation, drawn by heldout_seed, when "
-                                       "no row has a held-out split column (val, test, ...); 0 = none")
-    heldout_seed: int = doc(0, "seed of the held-out draw (kept apart from run.seed, so every run holds out the "
-                               "same rows)")
 
 
 @dataclass
@@ -119,7 +110,7 @@ class SftVlmConfig:
     models_dir: str = doc("", "ComfyUI models/ folder with the Qwen2.5-VL folder (models/LLM/Qwen2.5-VL-3B-Instruct)")
     vlm_checkpoint: str = doc("none", "start weights applied before the adapter: none (the base Qwen2.5-VL, as the "
                                       "paper's SFT), auto (the VANS vlm.safetensors in models_dir), or a file path")
-    data: SftDataConfig = section(SftDataConfig, "dataset and held-out split")
+    data: HeldoutDataConfig = section(HeldoutDataConfig, "dataset and held-out split")
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/sft_vlm", steps=10_000, prompts_per_step=8,
                                                              save_every=500),
                            metadata={"help": "run length, batch (run.prompts_per_step samples per step), devices"})
@@ -157,7 +148,7 @@ def _sft_problem(sample: Sample) -> str | None:
     return None
 
 
-def load_split(data: SftDataConfig, *, require_think: bool) -> tuple[list[Sample], list[Sample]]:
+def load_split(data: HeldoutDataConfig, *, require_think: bool) -> tuple[list[Sample], list[Sample]]:
     """(train, held-out) samples of ``data.path``: ``load_samples`` (bad rows skipped and listed), then, with
     ``require_think``, rows unusable as a VLM target skipped the same way, then ``split_samples``."""
     report = load_samples(data.path, data.video_root or None, check_videos=data.check_videos,

@@ -132,6 +132,8 @@ class Stage1Config:
     models_dir: str = doc("", "ComfyUI models/ folder with the Qwen2.5-VL folder, Wan DiT, umT5, VAE and CLIP")
     vlm_checkpoint: str = doc("auto", "start weights applied before the adapter: auto (the VANS vlm.safetensors "
                                       "found in models_dir, if any), none, or a file path")
+    dit: str = doc("", "the frozen DiT that renders the rollouts (default: found in models_dir, vdm.safetensors "
+                       "first); e.g. trainer.sft_vdm's runs/sft_vdm/export/vdm_sft.safetensors")
     data: DataConfig = section(DataConfig, "dataset")
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage1", steps=800),
                            metadata={"help": "run length, checkpoints, devices"})
@@ -176,7 +178,9 @@ class Stage1Policy:
         self.settings = _generation_settings(cfg.render)
         if cfg.rollout.group_size < 2:
             raise InputError(f"rollout.group_size is {cfg.rollout.group_size}; GRPO needs at least 2 (VANS: 8)")
-        paths = resolve_models(cfg.models_dir or None)
+        if cfg.dit and not Path(cfg.dit).is_file():
+            raise InputError(f"dit file not found: {cfg.dit}; give a DiT file, or leave dit empty to use models_dir")
+        paths = resolve_models(cfg.models_dir or None, dit=cfg.dit or None)
         start = self._start_checkpoint(paths)
         paths = dataclasses.replace(paths, vlm_checkpoint=start)
         require(paths, ("vlm", "dit", "text_encoder", "vae", "clip"), cfg.models_dir or None)

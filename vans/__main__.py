@@ -70,6 +70,8 @@ def _answer_parser(sub) -> None:
     s.add_argument("--temperature", type=float, help="VLM sampling temperature (default 0.7)")
     s.add_argument("--top-p", type=float, help="VLM nucleus sampling (default 0.9)")
     s.add_argument("--max-new-tokens", type=int, help="VLM token budget (default 1024)")
+    s.add_argument("--min-pixels", type=int, help="smallest frame area the VLM sees (default 128·28·28 = 100352)")
+    s.add_argument("--max-pixels", type=int, help="largest frame area the VLM sees (default 768·28·28 = 602112)")
     s.add_argument("--frame-pick", choices=FRAME_PICKS,
                    help="which frames of the input clip the video model sees: fps (the first --frames at --pick-fps, "
                         "default), first (the first --frames at the native rate) or spread (over the whole clip)")
@@ -101,6 +103,8 @@ def _settings(args):
                               ("negative_prompt", settings.video, "negative_prompt"),
                               ("temperature", settings.caption, "temperature"), ("top_p", settings.caption, "top_p"),
                               ("max_new_tokens", settings.caption, "max_new_tokens"),
+                              ("min_pixels", settings.caption, "min_pixels"),
+                              ("max_pixels", settings.caption, "max_pixels"),
                               ("system_prompt", settings.caption, "system_prompt"),
                               ("decoding", settings.caption, "decoding")]:
         value = getattr(args, arg)

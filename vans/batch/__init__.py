@@ -10,7 +10,7 @@ downloaded into ``DIR``:
 
 Manifest: CSV or JSONL with the columns ``video`` and ``question`` (the VANS CSV names
 ``input_video_path`` / ``ENG_Instruction`` are understood too), optional ``id`` (default: a hash of video
-and question, so reruns find the same ids), ``ground_truth`` (``ENG_GT_Caption``), ``gt_video``
+and question, so reruns find the same ids), ``ground_truth`` (``ENG_GT_Caption``, or ``caption`` as in the trainer's JSONL), ``gt_video``
 (``output_video_path``), ``split`` and ``seed``. Relative video paths are relative to the manifest.
 
 Filling the workflow never relies on node numbers: the question video goes into the ``LoadVideo`` node (or the

@@ -18,7 +18,7 @@ COLUMNS = {
     "id": ("id", "item_id"),
     "video": ("video", "input_video", "input_video_path", "video_path"),
     "question": ("question", "ENG_Instruction", "instruction"),
-    "ground_truth": ("ground_truth", "gt", "ENG_GT_Caption", "caption_gt"),
+    "ground_truth": ("ground_truth", "gt", "ENG_GT_Caption", "caption_gt", "caption"),  # caption: trainer JSONL
     "gt_video": ("gt_video", "output_video_path", "target_video"),
     "split": ("split", "task"),
     "seed": ("seed",),
