@@ -79,3 +79,15 @@ def test_an_interrupted_loop_says_where_it_stopped_and_quiet_silences_it(log_str
             clock.now += 5.0
             bar.update()
     assert log_stream.getvalue() == ""
+
+
+def test_only_rank_0_logs_progress_lines_under_data_parallel(log_stream, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    for rank, expected in (("1", 0), ("0", 2)):
+        monkeypatch.setenv("RANK", rank)
+        with progress.progress(4, "training") as bar:
+            for _ in range(4):
+                clock.now += 6.0
+                bar.update()
+        assert len(log_stream.getvalue().splitlines()) == expected, rank

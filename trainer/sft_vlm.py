@@ -461,6 +461,29 @@ class SftVlmPolicy:
 # Command line
 
 
+def bench(scale: str, device, work, overrides=()) -> dict:
+    """One timed optimizer step of ``sft_vlm.yaml`` (``sft_vlm_tiny.yaml`` at the tiny scale) on random weights of
+    the real sizes (``vans.fixtures.random_models``) and the benchmark's synthetic 720p clip (the VLM's full
+    768·28² pixels per frame), one sample per step: seconds per phase, target tokens and peak memory, and the
+    projection to the config's samples per step. ``python -m vans.bench --only sft_vlm``."""
+    from vans.bench import _run_stage, _stage_config
+    from vans.fixtures.random_models import RandomModels
+
+    device, work = torch.device(device), Path(work)
+    models = RandomModels(scale, work / "models", device=device)
+    cfg, out = _stage_config(SftVlmConfig, "sft_vlm", scale, device, work, models.tree,
+                             ("val.every=0", "data.heldout_fraction=0", "vlm_checkpoint=none"), list(overrides))
+    out.update(stage="sft_vlm", scale=scale, device=str(device), micro_batch=cfg.train.micro_batch,
+               gradient_checkpointing=cfg.train.gradient_checkpointing, frames=cfg.input.vlm_frames,
+               max_pixels=cfg.input.max_pixels, lora_exclude=list(cfg.lora.exclude))
+    m = _run_stage(lambda runtime: SftVlmPolicy(cfg, runtime), cfg, models, device, out)
+    out["phases_s"] = {k[len("time/"):-2]: v for k, v in m.items() if k.startswith("time/")}
+    out["target_tokens"] = m.get("count/target_tokens")
+    p = out["yaml_prompts_per_step"]
+    out[f"projected_step_s_with_{p}_samples_per_step"] = p * (m.get("time/step_s") or 0.0)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()  # the runner logs every step and an end-of-run summary with the exported files
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 import time
 from typing import Callable, Iterator, Protocol
@@ -115,8 +116,13 @@ class _LogBar:
             self._write(f"{ended} {self.done}/{self.total} after {format_seconds(elapsed)}")
 
 
+def _is_secondary_process() -> bool:
+    """A process of ``accelerate launch`` / torchrun other than rank 0: its log lines would repeat rank 0's."""
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
 def _default_bar(total: int, desc: str) -> Bar:
-    if _quiet.get() or _logging.get() or _stderr_is_terminal():
+    if _quiet.get() or _logging.get() or _stderr_is_terminal() or _is_secondary_process():
         return _TqdmBar(total, desc)  # draws on a terminal; nothing when quiet or not a terminal
     return _LogBar(total, desc)
 
