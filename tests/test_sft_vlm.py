@@ -474,3 +474,11 @@ if __name__ == "__main__":  # one process of the data-parallel test: OUT KEY=VAL
     rank = trained_policy.runtime.rank
     save_file({k: v.contiguous() for k, v in trained_policy.trainable_state_dict().items()},
               str(out_dir / f"rank{rank}.safetensors"))
+
+
+def test_bench_times_one_step_and_counts_target_tokens(tmp_path):
+    from trainer.sft_vlm import main
+
+    assert main(["bench", "--out", str(tmp_path), "--scale", "tiny", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["phases_s"]["step"] > 0 and result["target_tokens"] > 0 and result["config"] == "sft_vlm_tiny.yaml"

@@ -522,10 +522,12 @@ def train_policy(cfg: SftVdmConfig, runtime) -> SftVdmPolicy:
                         cache=FeatureCache(cfg.data.cache_dir or Path(cfg.run.out_dir) / "cache"))
 
 
-def _bench_main(argv: list[str]) -> int:
+def bench_cli(prog: str, run_bench, argv: list[str]) -> int:
+    """``python -m trainer.sft_vdm bench`` / ``python -m trainer.sft_vlm bench``: one timed step of that stage,
+    ``results.json`` in ``--out`` and a one-line summary."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.sft_vdm bench", description=bench.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=run_bench.__doc__)
     parser.add_argument("--out", required=True, help="work folder; results.json is written there")
     parser.add_argument("--scale", choices=("real", "tiny"), default=None, help="default: real on CUDA, tiny on CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available")
@@ -533,10 +535,11 @@ def _bench_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scale = args.scale or ("real" if device.type == "cuda" else "tiny")
-    result = bench(scale, device, Path(args.out), args.overrides)
+    result = run_bench(scale, device, Path(args.out), args.overrides)
     (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    print(json.dumps({k: result.get(k) for k in ("phases_s", "step_peak_gib", "dit_flops_per_clip",
-                                                 "train_tflops_per_s", "projected_h100_train_s")}, default=str))
+    keys = ("phases_s", "step_peak_gib", "dit_flops_per_clip", "train_tflops_per_s", "projected_h100_train_s",
+            "target_tokens") + tuple(k for k in result if k.startswith("projected_step_s"))
+    print(json.dumps({k: result[k] for k in keys if k in result}, default=str))
     return 0
 
 
@@ -546,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        return _bench_main(argv[1:])
+        return bench_cli("python -m trainer.sft_vdm bench", bench, argv[1:])
     setup_logging()  # the runner logs every step and an end-of-run summary with the exported files
     try:
         cfg = parse_cli(SftVdmConfig, argv, "python -m trainer.sft_vdm",

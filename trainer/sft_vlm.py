@@ -465,7 +465,7 @@ def bench(scale: str, device, work, overrides=()) -> dict:
     """One timed optimizer step of ``sft_vlm.yaml`` (``sft_vlm_tiny.yaml`` at the tiny scale) on random weights of
     the real sizes (``vans.fixtures.random_models``) and the benchmark's synthetic 720p clip (the VLM's full
     768·28² pixels per frame), one sample per step: seconds per phase, target tokens and peak memory, and the
-    projection to the config's samples per step. ``python -m vans.bench --only sft_vlm``."""
+    projection to the config's samples per step. ``python -m trainer.sft_vlm bench --out DIR``."""
     from vans.bench import _run_stage, _stage_config
     from vans.fixtures.random_models import RandomModels
 
@@ -485,6 +485,11 @@ def bench(scale: str, device, work, overrides=()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .sft_vdm import bench_cli
+
+        return bench_cli("python -m trainer.sft_vlm bench", bench, argv[1:])
     setup_logging()  # the runner logs every step and an end-of-run summary with the exported files
     try:
         cfg = parse_cli(SftVlmConfig, argv, "python -m trainer.sft_vlm",
