@@ -1,4 +1,4 @@
-"""Stage 2 of Joint-GRPO: Flow-GRPO on the Wan2.1 DiT with the stage-1 VLM frozen (VANS §6.3).
+"""Stage 2 of Joint-GRPO: Flow-GRPO (or a fast variant) on the Wan2.1 DiT with the stage-1 VLM frozen (VANS §6.3).
 
     python -m trainer.stage2 --config trainer/configs/stage2.yaml [--set key=value ...] [--resume]
     accelerate launch -m trainer.stage2 --config ...            (data parallel, one process per GPU)
@@ -11,13 +11,19 @@ One optimizer step, per prompt (a dataset sample) of the local batch:
    ground-truth caption instead, counted as ``anchor_fallbacks``);
 2. **context**: the input clip's clean context latents, VAE-encoded once per sample and cached
    (memory + ``FeatureCache`` on disk), as are the GT video's CLIP features;
-3. **rollouts**: G = ``grpo.group_size`` SDE trajectories (``VideoGenerator.sample`` with noise_level > 0),
-   optionally from one shared initial noise; states and log-probs are kept for the trained steps only;
+3. **rollouts**: G = ``grpo.group_size`` trajectories (``VideoGenerator.sample``): for ``grpo.algorithm``
+   ``flow_grpo`` SDE steps (noise_level > 0) on the ``grpo.step_selection`` plan — ``all`` (the paper's) /
+   ``fraction`` from G noises (or one with ``same_noise``), ``window`` (Flow-GRPO-Fast) / ``sliding`` (MixGRPO)
+   branched from one ODE prefix per group — with states and log-probs kept for the trained steps only; for
+   ``nft`` (DiffusionNFT) G ODE trajectories, by the old policy when ``nft_off_policy``;
 4. **reward**: r2 = norm(CLIP-V(video, GT video)) + norm(CLIP-T(video, anchor)) (``vans.rewards.stage2_reward``);
    advantages per group; a group without reward spread is skipped (no gradient) and counted;
 5. **loss**: ``trainer.flow_grpo.train_on_rollout`` recomputes each trained step with gradient through
-   ``VideoGenerator.guided_velocity`` (the one model call) and backpropagates the clipped loss + β·KL.
+   ``VideoGenerator.guided_velocity`` (the one model call) and backpropagates the clipped loss + β·KL; nft:
+   ``trainer.nft.train_nft`` backpropagates the advantage-weighted flow-matching loss at ``nft_timesteps``
+   noise levels (the rollout's guided velocity, or the conditional one with ``train_guidance: none``).
 
+The settings and what each mode is for: ``trainer.stage2_config`` (re-exported here).
 The runner (``trainer.runner``) owns the optimizer, schedule, clipping, checkpoints, resume, data
 sharding and metrics; ``export`` writes a ComfyUI LoRA and a merged DiT (``trainer.dit_lora``).
 """
@@ -36,175 +42,12 @@ import torch
 
 from vans.errors import InputError
 
-from . import dit_lora, flow_grpo
+from . import dit_lora, flow_grpo, nft
 from .data import vae_tiling_key
-from .config import DataConfig, OptimConfig, RunConfig, doc, section
+from .stage2_config import (AnchorSection, ExportSection, GrpoSection, ModelSection, RewardSection,  # noqa: F401
+                            Stage2Config, Stage2RunConfig, VideoSection)
 
 log = logging.getLogger("vans.trainer")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class Stage2RunConfig(RunConfig):
-    out_dir: str = doc("runs/stage2", "output folder: checkpoints/, metrics.jsonl, tensorboard/, plots, export/")
-    steps: int = doc(1000, "optimizer steps of the whole run (VANS: 1,000 for stage 2)")
-
-
-@dataclass
-class ModelSection:
-    train_mode: str = doc("lora", "lora (adapters on the DiT, KL reference = adapters off) or full (every DiT "
-                                  "weight trains, KL reference = a frozen copy; use run.dtype=fp32 for it)")
-    lora_rank: int = doc(32, "LoRA rank r (Flow-GRPO Wan: 32)")
-    lora_alpha: float = doc(64.0, "LoRA alpha; the update is scaled by alpha / rank (Flow-GRPO Wan: 64)")
-    lora_targets: str = doc("attn", "adapted linears in every block: attn (self + cross attention q, k, v, o), "
-                                    "attn+ffn, or comma-separated suffixes such as attn1.to_q,attn1.to_v")
-    gradient_checkpointing: bool = doc(False, "recompute the DiT blocks in the backward pass (less memory, "
-                                              "about 30% more time)")
-
-
-@dataclass
-class VideoSection:
-    width: int = doc(640, "rollout width in pixels (multiple of 16; VANS 640)")
-    height: int = doc(352, "rollout height in pixels (multiple of 16; VANS 352)")
-    num_frames: int = doc(33, "frames of the input clip and of each rollout (4n+1; VANS 33)")
-    num_context: int = doc(6, "clean context latents taken from the input clip (VANS 6)")
-    steps: int = doc(20, "denoising steps K of a rollout (Flow-GRPO Wan: 20; inference uses 50)")
-    guidance: float = doc(5.0, "classifier-free guidance scale in rollouts and training forwards (1 = off, "
-                               "half the DiT calls)")
-    shift: float = doc(5.0, "flow-matching schedule shift (Wan: 5)")
-    negative_prompt: str = doc("", "negative prompt for CFG (empty = Wan's default negative prompt)")
-    frame_pick: str = doc("fps", "frames of the input and GT clips the video model / CLIP-V see: fps (the first "
-                                 "num_frames at pick_fps; VANS default), first (native rate) or spread (whole clip)")
-    pick_fps: float = doc(11.0, "frame rate of frame_pick=fps (VANS answers are 11 fps)")
-
-
-@dataclass
-class GrpoSection:
-    group_size: int = doc(8, "G: rollouts per prompt (VANS 8)")
-    noise_level: float = doc(0.7, "SDE noise level a (Flow-GRPO default 0.7); must be > 0")
-    same_noise: bool = doc(False, "start all G rollouts of a group from one initial noise (they still branch "
-                                  "at every SDE step)")
-    step_selection: str = doc("all", "trained steps: all (SDE everywhere, every step but the last trained); fraction (SDE everywhere, train a random "
-                                     "train_fraction of the steps); window (Flow-GRPO-Fast: SDE + training on "
-                                     "window_size steps starting inside the high-noise window, ODE elsewhere)")
-    train_fraction: float = doc(0.6, "share of the K steps trained when step_selection=fraction (DanceGRPO 0.6)")
-    window: list = doc([0.0, 0.5], "window of step starts for step_selection=window, as fractions of K "
-                                   "(0 = pure noise; Flow-GRPO-Fast: the first half)")
-    window_size: int = doc(2, "SDE + trained steps per trajectory when step_selection=window (1-3)")
-    clip_range: float = doc(1e-3, "PPO clip ε on the per-step probability ratio (VANS / Flow-GRPO Wan: 1e-3)")
-    beta: float = doc(0.004, "weight of the KL between the policy's and the reference's Gaussian step means "
-                             "(VANS 0.004; 0 skips the reference forward)")
-    adv_clip: float = doc(5.0, "clip advantages to ±adv_clip (Flow-GRPO 5)")
-    micro_batch: int = doc(0, "rows per training forward (0 = the whole group, the rollout's batch size, which "
-                              "keeps the first ratio exactly 1; smaller saves memory)")
-
-
-@dataclass
-class AnchorSection:
-    source: str = doc("vlm", "vlm (the frozen stage-1 VLM writes the anchor caption) or gt (use the "
-                             "ground-truth caption; no VLM is loaded)")
-    min_rouge: float = doc(0.6, "accept a VLM caption once its ROUGE-L against the GT caption reaches this "
-                                "(VANS: discard and resample below 0.6)")
-    max_tries: int = doc(4, "VLM captions drawn per sample before the sample counts as a miss (one draw when "
-                            "the decoding is deterministic: more draws would repeat it)")
-    on_miss: str = doc("skip", "what a sample whose anchors all miss min_rouge does: skip (no rollouts; with reuse "
-                               "the miss is kept like an accepted anchor, so the sample stays skipped; the paper keeps "
-                               "only anchors >= min_rouge) or gt (train on the GT caption)")
-    decoding: str = doc("official", "official (the authors' inference: the VLM folder's generation config with "
-                                    "temperature/top_p set; greedy when that file sets top_k 1) or policy (plain "
-                                    "temperature + top-p sampling, which makes resampling meaningful)")
-    system_prompt: str = doc("official", "VLM system prompt: official (the official code's wording, the released "
-                                         "weights') or paper (the paper's App. C.2 wording)")
-    temperature: float = doc(0.7, "VLM sampling temperature (VANS inference 0.7)")
-    top_p: float = doc(0.9, "VLM nucleus sampling top_p")
-    max_new_tokens: int = doc(512, "VLM token budget (thinking + answer)")
-    num_frames: int = doc(6, "frames the VLM sees (VANS 6)")
-    reuse: bool = doc(True, "keep a sample's accepted anchor for later visits (the VLM is frozen); false "
-                            "draws a new one every visit")
-
-
-@dataclass
-class RewardSection:
-    kind: str = doc("clip", "clip: r2 = norm(CLIP-V vs GT video) + norm(CLIP-T vs anchor) (VANS); brightness: "
-                            "mean pixel value of the rollout video (a sanity check that the loop learns)")
-    clip_arch: str = doc("auto", "activation of the reward CLIP file: ViT-B-32-quickgelu (OpenAI, the paper's), "
-                                 "ViT-B-32 (LAION), or auto (open_clip_config.json beside the file, else the file "
-                                 "name, else OpenAI with a warning)")
-    clip_batch: int = doc(64, "frames per CLIP forward")
-
-
-@dataclass
-class ExportSection:
-    dtype: str = doc("bf16", "dtype of the exported files: bf16, fp16 or fp32")
-    lora_name: str = doc("vans_stage2_lora.safetensors", "ComfyUI LoRA file (train_mode=lora), for core "
-                                                         "LoraLoaderModelOnly on a Wan2.1-T2V-1.3B model")
-    merged_name: str = doc("vdm.safetensors", "merged DiT in the original Wan key layout, for core "
-                                              "'Load Diffusion Model' and the VANS nodes")
-
-
-@dataclass
-class Stage2Config:
-    models_dir: str = doc("", "ComfyUI-style models/ folder with the DiT, umT5, VAE, VLM and reward CLIP "
-                              "(see vans.models.ROLES for the file names)")
-    dit: str = doc("", "DiT file to start from (default: found in models_dir); e.g. the VANS vdm.safetensors")
-    vlm: str = doc("", "Qwen2.5-VL folder (default: found in models_dir)")
-    vlm_checkpoint: str = doc("", "stage-1 VLM export: runs/stage1/export/vlm_merged.safetensors, or vlm_lora.safetensors (its "
-                                        "recorded start checkpoint is applied first); default: vlm.safetensors in models_dir")
-    clip: str = doc("", "reward CLIP file (default: found in models_dir)")
-    data: DataConfig = section(DataConfig, "dataset")
-    run: Stage2RunConfig = section(Stage2RunConfig, "run length, output, checkpoints, device")
-    optim: OptimConfig = section(OptimConfig, "optimizer (VANS stage 2: lr 5e-5)")
-    model: ModelSection = section(ModelSection, "what trains on the DiT")
-    video: VideoSection = section(VideoSection, "rollout shape and sampler")
-    grpo: GrpoSection = section(GrpoSection, "Flow-GRPO settings")
-    anchor: AnchorSection = section(AnchorSection, "anchor caption from the frozen VLM")
-    reward: RewardSection = section(RewardSection, "stage-2 reward")
-    export: ExportSection = section(ExportSection, "files written at the end for ComfyUI")
-
-    def validate(self) -> None:
-        self.generation_settings().validate()
-        if self.grpo.group_size < 2:
-            raise InputError(f"grpo.group_size={self.grpo.group_size}: GRPO needs at least 2 rollouts per prompt")
-        if self.grpo.noise_level <= 0:
-            raise InputError(f"grpo.noise_level={self.grpo.noise_level}: Flow-GRPO needs an SDE (e.g. 0.7)")
-        if self.anchor.source not in ("vlm", "gt"):
-            raise InputError(f"anchor.source={self.anchor.source!r}: use vlm or gt")
-        if self.anchor.on_miss not in ("skip", "gt"):
-            raise InputError(f"anchor.on_miss={self.anchor.on_miss!r}: use skip or gt")
-        from vans.captioner import DECODING_MODES
-
-        if self.anchor.decoding not in DECODING_MODES:
-            raise InputError(f"anchor.decoding={self.anchor.decoding!r}: use one of {', '.join(DECODING_MODES)}")
-        from vans.clip import ARCH_CHOICES
-        from vans.prompts import system_prompt_text
-
-        from .data import frame_pick
-
-        try:
-            system_prompt_text(self.anchor.system_prompt)
-        except InputError as exc:
-            raise InputError(f"anchor.{exc}") from None
-        frame_pick(self.video, "video")
-        if self.reward.clip_arch not in ARCH_CHOICES:
-            raise InputError(f"reward.clip_arch={self.reward.clip_arch!r}: use one of {', '.join(ARCH_CHOICES)}")
-        if self.reward.kind not in ("clip", "brightness"):
-            raise InputError(f"reward.kind={self.reward.kind!r}: use clip or brightness")
-        if len(self.grpo.window) != 2:
-            raise InputError(f"grpo.window={self.grpo.window}: give [start, end] as fractions of the steps")
-        flow_grpo.plan_steps(self.video.steps, self.grpo.step_selection, fraction=self.grpo.train_fraction,
-                             window=tuple(self.grpo.window), window_size=self.grpo.window_size)
-
-    def generation_settings(self, seed: int = 0):
-        from vans.generator import WAN_NEGATIVE_PROMPT, GenerationSettings
-
-        v = self.video
-        return GenerationSettings(width=v.width, height=v.height, num_frames=v.num_frames,
-                                  num_context=v.num_context, steps=v.steps, guidance=v.guidance, shift=v.shift,
-                                  seed=seed, negative_prompt=v.negative_prompt or WAN_NEGATIVE_PROMPT,
-                                  noise_level=self.grpo.noise_level)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,7 +141,11 @@ class Stage2Policy:
                                                 alpha=m.lora_alpha)
         if m.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
-        self.frozen = dit_lora.frozen_copy(dit) if m.train_mode == "full" and cfg.grpo.beta > 0 else None
+        g = cfg.grpo
+        needs_reference = g.nft_kl > 0 if g.algorithm == "nft" else g.beta > 0
+        self.frozen = dit_lora.frozen_copy(dit) if m.train_mode == "full" and needs_reference else None
+        # DiffusionNFT's old policy: an EMA of the trained tensors, checkpointed with them (OLD_PREFIX)
+        self._old = nft.trainable_copy(dit) if g.old_policy_moves() else None
         self.settings = cfg.generation_settings()
         self.cap = flow_grpo.sigma_cap(self.settings.steps, self.settings.shift)
         self._captioner = None
@@ -312,10 +159,25 @@ class Stage2Policy:
         return self._params
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return dit_lora.trainable_state_dict(self.generator.dit)
+        """The trained tensors, plus nft's old policy under ``OLD_PREFIX`` (so a resumed run continues its EMA
+        exactly; ``export`` writes the trained DiT only)."""
+        sd = dit_lora.trainable_state_dict(self.generator.dit)
+        if self._old is not None:
+            sd.update({OLD_PREFIX + name: t.detach() for name, t in self._old.items()})
+        return sd
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        dit_lora.load_trainable_state_dict(self.generator.dit, sd)
+        old = {k[len(OLD_PREFIX):]: v for k, v in sd.items() if k.startswith(OLD_PREFIX)}
+        dit_lora.load_trainable_state_dict(self.generator.dit, {k: v for k, v in sd.items()
+                                                                if not k.startswith(OLD_PREFIX)})
+        if self._old is None:
+            return
+        if set(old) != set(self._old):
+            raise InputError("checkpoint has no DiffusionNFT old policy for these weights (nft_old.* keys): resume "
+                             "with the algorithm and grpo.nft_old_* settings it was saved with")
+        with torch.no_grad():
+            for name, tensor in old.items():
+                self._old[name].copy_(tensor.to(self._old[name].dtype))
 
     def export(self, out_dir) -> dict[str, Path]:
         """ComfyUI LoRA (train_mode=lora) + merged DiT in the original Wan layout under ``out_dir``."""
@@ -346,6 +208,11 @@ class Stage2Policy:
         totals: dict[str, list[float]] = {}
         counts = {"groups": 0, "zero_spread_groups": 0, "skipped_groups": 0, "anchor_fallbacks": 0,
                   "anchor_skipped": 0, "anchor_vlm_calls": 0, "trained_steps": 0, "samples": 0}
+        g = cfg.grpo
+        if self._old is not None:  # before sampling: old ← d·old + (1 − d)·current (DiffusionNFT, once per step)
+            decay = nft.old_decay(step - 1, flat=g.nft_old_flat, ramp=g.nft_old_ramp, max_decay=g.nft_old_decay_max)
+            nft.update_old_(self._old, self.generator.dit, decay)
+            totals["nft_old_decay"] = [decay]
         for index, sample in enumerate(samples):
             seed = _seed(cfg.run.seed, step, self.rank, index)
             counts["samples"] += 1
@@ -356,10 +223,8 @@ class Stage2Policy:
                 counts["anchor_skipped"] += 1
                 continue
             counts["anchor_fallbacks"] += int(prompt.anchor_fallback)
-            plan = flow_grpo.plan_steps(self.settings.steps, cfg.grpo.step_selection,
-                                        fraction=cfg.grpo.train_fraction, window=tuple(cfg.grpo.window),
-                                        window_size=cfg.grpo.window_size,
-                                        generator=torch.Generator().manual_seed(seed))
+            # flow_grpo: the group's SDE / trained steps (sliding: a function of the optimizer steps done)
+            plan = None if g.algorithm == "nft" else cfg.plan(step - 1, torch.Generator().manual_seed(seed))
             with timer("rollout"):
                 rollout, velocity = self._rollout(prompt, plan, seed)
             with timer("decode"):
@@ -384,13 +249,18 @@ class Stage2Policy:
             if bool(flow_grpo.zero_spread_groups(reward, G)[0]):
                 counts["zero_spread_groups"] += 1
                 continue
+            reference = lambda: dit_lora.reference_policy(self.generator, cfg.model.train_mode,  # noqa: E731
+                                                          self.frozen)
             with timer("train"):
-                stats = flow_grpo.train_on_rollout(
-                    velocity, rollout, plan.train_steps, adv.to(self.device), noise_level=cfg.grpo.noise_level,
-                    cap=self.cap, model_dtype=self.dtype, clip_range=cfg.grpo.clip_range, beta=cfg.grpo.beta,
-                    reference=lambda: dit_lora.reference_policy(self.generator, cfg.model.train_mode, self.frozen),
-                    loss_scale=1.0 / (len(plan.train_steps) * len(samples)), micro_batch=cfg.grpo.micro_batch)
-            counts["trained_steps"] += len(plan.train_steps)
+                if plan is None:
+                    stats, trained = self._train_nft(velocity, rollout.latents, adv, seed, reference, len(samples))
+                else:
+                    trained = len(plan.train_steps)
+                    stats = flow_grpo.train_on_rollout(
+                        velocity, rollout, plan.train_steps, adv.to(self.device), noise_level=g.noise_level,
+                        cap=self.cap, model_dtype=self.dtype, clip_range=g.clip_range, beta=g.beta,
+                        reference=reference, loss_scale=1.0 / (trained * len(samples)), micro_batch=g.micro_batch)
+            counts["trained_steps"] += trained
             for name, values in stats.items():
                 totals.setdefault(name, []).extend(values)
         return _summarise(totals, counts, timer.seconds)
@@ -504,20 +374,51 @@ class Stage2Policy:
 
     # -- rollout, decode, reward -------------------------------------------------------------------
 
-    def _rollout(self, prompt: _Prompt, plan: flow_grpo.StepPlan, seed: int):
-        """G SDE trajectories of one prompt; the returned velocity is the one used (with grad) to train."""
-        G, gen = self.cfg.grpo.group_size, self.generator
-        noise = gen.initial_noise(1 if self.cfg.grpo.same_noise else G, self.settings, seed=seed)
-        noise = noise.expand(G, *noise.shape[1:]).contiguous()
+    def _rollout(self, prompt: _Prompt, plan: flow_grpo.StepPlan | None, seed: int):
+        """G trajectories of one prompt; the returned velocity is the one used (with grad) to train.
+
+        flow_grpo (``plan``): SDE on ``plan.sde_steps``; with ``plan.branch_at`` (window, sliding) one initial noise
+        and one ODE row up to the branch step, G rows after it (``sample_flow(branch_at=…)``), else G rows from
+        G noises (one shared noise with ``same_noise``). nft (``plan`` None): G ODE trajectories, nothing stored,
+        sampled by the old policy when ``nft_off_policy``."""
+        g, gen, G = self.cfg.grpo, self.generator, self.cfg.grpo.group_size
+        branch = plan is not None and plan.branch_at is not None
+        noise = gen.initial_noise(1 if branch or g.same_noise else G, self.settings, seed=seed)
+        if not branch:
+            noise = noise.expand(G, *noise.shape[1:]).contiguous()
         uncond = gen.encode_text([self.settings.negative_prompt]) if self.settings.guidance != 1.0 else None
         # the training forward uses the rollout's exact model call (same timestep numerics)
         velocity = gen.guided_velocity(prompt.context, prompt.cond, uncond, self.settings.guidance,
                                        timestep_dtype=self.settings.timestep_dtype)
         sde_generator = torch.Generator(self.device).manual_seed(seed + 1)
-        with torch.no_grad():
-            rollout = gen.sample(prompt.context, prompt.cond, self.settings, noise=noise, sde_steps=plan.sde_steps,
-                                 keep_steps=plan.train_steps, generator=sde_generator)
+        kwargs = {} if plan is None else {"sde_steps": plan.sde_steps, "keep_steps": plan.train_steps}
+        if branch:
+            kwargs.update(branch_at=plan.branch_at, branch_size=G)
+        sampler = contextlib.nullcontext()
+        if plan is None and self._old is not None and g.nft_off_policy:
+            sampler = nft.old_policy(gen.dit, self._old)
+        with torch.no_grad(), sampler:
+            rollout = gen.sample(prompt.context, prompt.cond, self.settings, noise=noise, generator=sde_generator,
+                                 **kwargs)
+        if g.train_guidance == "none" and uncond is not None:  # nft only (validated): the conditional velocity
+            velocity = gen.guided_velocity(prompt.context, prompt.cond, None, 1.0,
+                                           timestep_dtype=self.settings.timestep_dtype)
         return rollout, velocity
+
+    def _train_nft(self, velocity, latents: torch.Tensor, adv: torch.Tensor, seed: int, reference,
+                   num_samples: int) -> tuple[dict[str, list[float]], int]:
+        """Backward DiffusionNFT's loss of one group (``trainer.nft.train_nft``) at ``nft_timesteps`` noise levels
+        drawn from the rollout schedule; returns (stats named ``nft_*`` / ``kl``, noise levels trained)."""
+        g, s = self.cfg.grpo, self.settings
+        sigmas = nft.nft_timesteps(s.steps, s.shift, g.nft_timesteps, tuple(g.nft_timestep_range),
+                                   generator=torch.Generator().manual_seed(seed + 2))
+        old = (lambda: nft.old_policy(self.generator.dit, self._old)) if self._old is not None else None
+        stats = nft.train_nft(velocity, latents.float(), adv.to(self.device), sigmas, beta=g.nft_beta,
+                              adv_clip=g.adv_clip, model_dtype=self.dtype,
+                              generator=torch.Generator(self.device).manual_seed(seed + 3), old=old, kl=g.nft_kl,
+                              reference=reference if g.nft_kl > 0 else None,
+                              loss_scale=1.0 / (len(sigmas) * num_samples), micro_batch=g.micro_batch)
+        return {(k if k == "kl" else f"nft_{k}"): v for k, v in stats.items()}, len(sigmas)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[G, T, H, W, C] frames in 0..1, one video at a time (bounded VAE memory)."""
@@ -540,6 +441,10 @@ class Stage2Policy:
         return terms
 
 
+OLD_PREFIX = "nft_old."
+"""Key prefix of DiffusionNFT's old policy in the checkpoints' trainable state."""
+
+
 def _seed(base: int, step: int, rank: int, index: int) -> int:
     """A distinct, reproducible seed per (run seed, step, process, prompt): resume replays the same draws."""
     return (base * 1_000_003 + step * 10_007 + rank * 101 + index) % (2 ** 31)
@@ -553,7 +458,7 @@ def _frame_change(videos: torch.Tensor) -> torch.Tensor:
 
 
 # metric name -> runner key prefix ("reward/" is plotted; "count/" is summed over processes)
-_PREFIX = {"reward": "reward/", "advantage": "adv/", "frame": "video/"}
+_PREFIX = {"reward": "reward/", "advantage": "adv/", "frame": "video/", "nft": "nft/"}
 
 
 def _summarise(totals: dict[str, list[float]], counts: dict[str, int], seconds: dict[str, float]) -> dict[str, float]:
@@ -567,7 +472,7 @@ def _summarise(totals: dict[str, list[float]], counts: dict[str, int], seconds: 
     for name, values in totals.items():
         t = torch.tensor(values, dtype=torch.float64)
         head = name.split("_", 1)[0]
-        key = _PREFIX.get(head, "") + (name.split("_", 1)[1] if head == "reward" else name)
+        key = _PREFIX.get(head, "") + (name.split("_", 1)[1] if head in ("reward", "nft") else name)
         out[f"{key}_mean"] = float(t.mean())
         if head in ("reward", "advantage"):
             out[f"{key}_std"] = float(t.std(unbiased=False))

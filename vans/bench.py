@@ -41,7 +41,7 @@ QUESTION = "What will happen next?"
 # The VANS paper's speed claim: ≈4 s for the caption + ≈35 s for the video per sample, GPU not stated.
 PAPER = {"caption_s": 4.0, "video_s": 35.0, "note": "VANS paper, GPU not stated"}
 NO_PAPER = "no paper figure"
-SECTIONS = ("dit", "e2e", "stage1", "stage2")
+SECTIONS = ("dit", "e2e", "stage1", "stage2", "train-efficiency")  # the last: vans.bench_efficiency, --only
 # The synthetic sample every section uses (input clip and GT clip, each frames × height × width); the
 # real inputs are web videos, 720p gives the VLM its full 768·28² pixels per frame.
 SAMPLE_CLIP = {"real": (33, 720, 1280), "tiny": (9, 32, 32)}
@@ -544,7 +544,7 @@ def main(argv=None) -> int:
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scale = args.scale or ("real" if device.type == "cuda" else "tiny")
-    todo = args.only or (list(SECTIONS) if device.type == "cuda" else ["e2e", "stage1", "stage2"])
+    todo = args.only or (list(SECTIONS[:4]) if device.type == "cuda" else ["e2e", "stage1", "stage2"])
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {device} but no CUDA device is available; use --device cpu --scale tiny")
         return 2
@@ -577,6 +577,11 @@ def main(argv=None) -> int:
                     results["e2e"] = bench_e2e(scale, device, out / "e2e", offload=args.offload, seed=args.seed)
                 elif section == "stage1":
                     results["stage1"] = bench_stage1(scale, device, out / "stage1", args.stage1_set, args.seed)
+                elif section == "train-efficiency":  # tiny models on the CPU whatever --scale / --device
+                    from .bench_efficiency import bench_train_efficiency, summary as efficiency_summary
+
+                    results[section] = bench_train_efficiency(out / section, log=_log)
+                    print(efficiency_summary(results[section]), flush=True)
                 else:
                     results["stage2"] = bench_stage2(scale, device, out / "stage2", args.stage2_set, args.seed)
             except Exception as exc:  # one failed section must not lose the others' figures
