@@ -53,7 +53,7 @@ from vans.errors import InputError, VansError
 from .config import HeldoutDataConfig, OptimConfig, RunConfig, doc, parse_cli, section
 from .data import Sample, load_samples, split_samples
 from .runner import Runtime, run_training, setup_logging, setup_runtime
-from .stage1 import ExportSection, LoraSection, export_vlm, start_vlm_checkpoint
+from .stage1 import ExportSection, LoraSection, VlmLoraState, export_vlm, start_vlm_checkpoint
 
 log = logging.getLogger("vans.trainer")
 
@@ -219,7 +219,7 @@ def collate(examples: list[Example], pad_id: int) -> tuple[dict[str, torch.Tenso
 # Policy
 
 
-class SftVlmPolicy:
+class SftVlmPolicy(VlmLoraState):
     """The captioner (base + start checkpoint, frozen) with a trainable LoRA adapter."""
 
     name = "sft_vlm"
@@ -267,21 +267,6 @@ class SftVlmPolicy:
                            ("val.max_samples", cfg.val.max_samples)):
             if value < 0:
                 raise InputError(f"{key} is {value}; use 0 (off / all) or a positive number")
-
-    # -- TrainingPolicy -------------------------------------------------------------------------------
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.lora.values() for p in (m.lora_A.weight, m.lora_B.weight)]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        from vans.lora import lora_state_dict
-
-        return {k: v.clone() for k, v in lora_state_dict(self.captioner.model).items()}
-
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        from vans.lora import load_lora_state_dict
-
-        load_lora_state_dict(self.captioner.model, sd, strict=True)
 
     # -- examples and the loss ------------------------------------------------------------------------
 

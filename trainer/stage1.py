@@ -160,7 +160,25 @@ def _generation_settings(render: RenderSection):
     return settings
 
 
-class Stage1Policy:
+class VlmLoraState:
+    """The TrainingPolicy weight methods of a policy that trains a LoRA adapter (``self.lora``, from
+    ``vans.lora.add_lora``) on ``self.captioner.model``: stage 1 and VLM SFT."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.lora.values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        from vans.lora import lora_state_dict
+
+        return {k: v.clone() for k, v in lora_state_dict(self.captioner.model).items()}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        from vans.lora import load_lora_state_dict
+
+        load_lora_state_dict(self.captioner.model, sd, strict=True)
+
+
+class Stage1Policy(VlmLoraState):
     """The captioner with a LoRA adapter (trained), the frozen video model and CLIP (reward)."""
 
     name = "stage 1"
@@ -199,21 +217,6 @@ class Stage1Policy:
 
     def _start_checkpoint(self, paths) -> Path | None:
         return start_vlm_checkpoint(self.cfg.vlm_checkpoint, paths)
-
-    # -- TrainingPolicy -------------------------------------------------------------------------------
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.lora.values() for p in (m.lora_A.weight, m.lora_B.weight)]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        from vans.lora import lora_state_dict
-
-        return {k: v.clone() for k, v in lora_state_dict(self.captioner.model).items()}
-
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        from vans.lora import load_lora_state_dict
-
-        load_lora_state_dict(self.captioner.model, sd, strict=True)
 
     # -- cached per-sample inputs -----------------------------------------------------------------------
 
