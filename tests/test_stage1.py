@@ -181,10 +181,10 @@ def test_policy_step_skips_zero_spread_and_nan_groups(trained, demo_dataset):
     original = policy._clip_v
     calls = []
 
-    def clip_v_nan_first(sample, group, step, index):
-        calls.append(index)
-        values = original(sample, group, step, index)
-        return values * float("nan") if index == 0 else values
+    def clip_v_nan_first(groups, step):
+        calls.append(len(groups))
+        values = original(groups, step)
+        return [values[0] * float("nan"), *values[1:]]
 
     policy._clip_v = clip_v_nan_first
     try:
@@ -192,7 +192,7 @@ def test_policy_step_skips_zero_spread_and_nan_groups(trained, demo_dataset):
             p.grad = None
         with progress.quiet():
             metrics = policy.step(samples, step=1)
-        assert metrics["groups/nan_skipped"] == 1 and metrics["groups/trained"] == 1 and calls == [0, 1]
+        assert metrics["groups/nan_skipped"] == 1 and metrics["groups/trained"] == 1 and calls == [2]
         assert all(torch.isfinite(p.grad).all() for p in policy.trainable_parameters() if p.grad is not None)
         policy._clip_v = original
         weights = policy.cfg.reward

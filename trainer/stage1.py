@@ -8,7 +8,8 @@ One step, per prompt (video, question, ground-truth caption and next-event video
     G captions from the policy in one batched generate (``Captioner.sample_group``, sampling log-probs kept)
     → each caption rendered by the frozen Wan DiT from the cached context latents of the input clip
       (``VideoGenerator``: ``render.steps`` Euler steps, default 20; one shared initial noise per group
-      so that renders differ by their caption only; ``render.batch`` videos per DiT batch)
+      so that renders differ by their caption only; ``render.batch`` videos per DiT batch, within one
+      prompt's group or, with ``render.scope=step``, across all the step's prompts)
     → r1 = w_f·norm(format) + w_r·norm(ROUGE-L) + w_c·norm(CLIP-V(render, GT video))  (``vans.rewards``)
     → advantage = group-normalised r1 → token-level GRPO loss (PPO clip ε, k3 KL β against the same
       model with the adapter disabled) → backward.
@@ -25,6 +26,16 @@ carries no preference and is not trained on (``groups/zero_spread``), so it adds
 
 Cached once per sample (``data.FeatureCache``, keyed by file contents and settings): the context
 latents of the input clip, the CLIP features of the GT video, the umT5 embedding of the negative prompt.
+
+Render economy. The renders only rank the G captions of one prompt, and they are most of a step's cost
+(20 guided steps on G rows: 2·20·G DiT rows per prompt). ``render.steps`` and ``render.guidance`` = 1 (CFG
+off: one row per caption and step instead of two) trade ranking fidelity for rows;
+``trainer/configs/stage1_fast.yaml`` is the measured setting (``python -m vans.bench --only train-efficiency``
+prints each setting's DiT calls and rows per step and the Spearman agreement of its reward ranking with the
+full render's, on the same captions). Exact savings, on by default (``render.reuse``): a caption repeated in
+its group is rendered once, and the step-0 unconditional prediction, the same for the whole group (shared
+noise, context and negative prompt), is computed once. Every DiT forward is counted in the step's metrics
+(``render/dit_calls``, ``render/dit_rows``).
 One update per rollout: π_old is the detached policy, so the logged ratio is 1 and the clip does not
 fire (one update per rollout); ``logp_mismatch`` logs max |recomputed − sampling-time log-prob| as the check that
 the training forward matches the sampler.
@@ -95,6 +106,11 @@ class RenderSection:
     guidance: float = doc(5.0, "classifier-free guidance scale (1 = off, half the DiT calls)")
     shift: float = doc(5.0, "flow-matching timestep shift")
     batch: int = doc(8, "captions rendered per DiT batch")
+    scope: str = doc("prompt", "what one DiT batch may hold: prompt (the G captions of one prompt, render.batch at a "
+                               "time) or step (the captions of all the step's prompts together, render.batch at a "
+                               "time, each row with its own prompt's context): fewer, fuller DiT calls")
+    reuse: bool = doc(True, "exact savings: with same_noise, a caption repeated within its group is rendered once and "
+                            "the step-0 unconditional prediction (the same for the whole group) is computed once")
     frame_pick: str = doc("fps", "frames of the input and GT clips the video model / CLIP-V see: fps (the first "
                                  "num_frames at pick_fps; VANS default), first (native rate) or spread (whole clip)")
     pick_fps: float = doc(11.0, "frame rate of frame_pick=fps (VANS answers are 11 fps)")
@@ -196,6 +212,8 @@ class Stage1Policy(VlmLoraState):
         self.settings = _generation_settings(cfg.render)
         if cfg.rollout.group_size < 2:
             raise InputError(f"rollout.group_size is {cfg.rollout.group_size}; GRPO needs at least 2 (VANS: 8)")
+        if cfg.render.scope not in RENDER_SCOPES:
+            raise InputError(f"render.scope={cfg.render.scope!r}: must be one of {', '.join(RENDER_SCOPES)}")
         if cfg.dit and not Path(cfg.dit).is_file():
             raise InputError(f"dit file not found: {cfg.dit}; give a DiT file, or leave dit empty to use models_dir")
         paths = resolve_models(cfg.models_dir or None, dit=cfg.dit or None)
@@ -214,6 +232,11 @@ class Stage1Policy(VlmLoraState):
                  dropout=cfg.lora.dropout, exclude=cfg.lora.exclude, dtype=torch.float32)
         self.lora = lora_modules(self.captioner.model)
         self.cache = FeatureCache(cfg.data.cache_dir or Path(cfg.run.out_dir) / "cache")
+
+    def set_render(self, render: RenderSection) -> None:
+        """Render the next steps' captions with other ``render`` settings (the render-economy benchmark)."""
+        self.settings = _generation_settings(render)
+        self.cfg.render = render
 
     def _start_checkpoint(self, paths) -> Path | None:
         return start_vlm_checkpoint(self.cfg.vlm_checkpoint, paths)
@@ -277,29 +300,47 @@ class Stage1Policy(VlmLoraState):
             max_pixels=r.max_pixels, include_eos=r.include_eos, system_prompt=system_prompt_text(r.system_prompt))
 
     @torch.no_grad()
-    def render(self, sample: Sample, captions: list[str], step: int, index: int) -> list[torch.Tensor]:
-        """The frozen VDM's video [T, H, W, 3] for each caption, from the sample's cached context."""
-        s, batch = self.settings, max(1, self.cfg.render.batch)
-        context = self._context(sample)
+    def render(self, groups: list[tuple[Sample, list[str]]], step: int) -> list[list[torch.Tensor]]:
+        """The frozen VDM's video [T, H, W, 3] for each caption of each (sample, captions) group of a step, from the
+        sample's cached context; group ``index`` (its position) seeds its initial noise. DiT batches of at most
+        ``render.batch`` captions, within one group (``render.scope`` prompt) or across the step's groups (step);
+        with ``render.reuse`` and ``same_noise`` a repeated caption is rendered once (the same caption from the
+        same noise and context is the same video)."""
+        r, s, gen = self.cfg.render, self.settings, self.generator
         self._negative_prompt()
-        seed = (self.cfg.run.seed * 1_000_003 + step * 997 + index) % 2**63
-        if self.cfg.render.same_noise:
-            noise = self.generator.initial_noise(1, s, seed=seed).expand(len(captions), -1, -1, -1, -1)
-        else:
-            noise = self.generator.initial_noise(len(captions), s, seed=seed)
-        videos = []
-        for start in range(0, len(captions), batch):
-            chunk = captions[start:start + batch]
-            emb = self.generator.encode_text(chunk)
-            result = self.generator.sample(context, emb, s, batch=len(chunk), noise=noise[start:start + len(chunk)])
-            videos.extend(self.generator.decode(result.latents).float())
-        return videos
+        rows: list[tuple[int, str, torch.Tensor]] = []  # (group, caption, initial noise [1, ...]) per distinct render
+        owners: list[list[int]] = []  # per group: the row rendering each of its captions
+        contexts = []
+        for index, (sample, captions) in enumerate(groups):
+            contexts.append(self._context(sample))
+            seed = (self.cfg.run.seed * 1_000_003 + step * 997 + index) % 2**63
+            noise = gen.initial_noise(1 if r.same_noise else len(captions), s, seed=seed)
+            seen: dict = {}
+            mine = []
+            for j, caption in enumerate(captions):
+                key = caption if r.reuse and r.same_noise else j
+                if key not in seen:
+                    seen[key] = len(rows)
+                    rows.append((index, caption, noise[0 if r.same_noise else j].unsqueeze(0)))
+                mine.append(seen[key])
+            owners.append(mine)
+        videos: list[torch.Tensor] = []
+        for chunk in _render_chunks(rows, max(1, r.batch), by_group=r.scope == "prompt"):
+            members = sorted({rows[i][0] for i in chunk})
+            context = contexts[members[0]] if len(members) == 1 else torch.cat([contexts[rows[i][0]] for i in chunk])
+            emb = gen.encode_text([rows[i][1] for i in chunk])
+            noise = torch.cat([rows[i][2] for i in chunk])
+            result = gen.sample(context, emb, s, noise=noise, share_uncond=r.reuse and r.same_noise)
+            videos.extend(gen.decode(result.latents).float())
+        return [[videos[i] for i in mine] for mine in owners]
 
-    def _clip_v(self, sample: Sample, group, step: int, index: int) -> torch.Tensor:
+    def _clip_v(self, groups: list[tuple[Sample, object]], step: int) -> list[torch.Tensor]:
+        """CLIP-V of each group's renders against its sample's GT video (zeros when the term is off)."""
         if self.cfg.reward.clip_v_weight == 0:
-            return torch.zeros(group.group_size)
-        videos = self.render(sample, [r.caption for r in group.responses], step, index)
-        return self.clip.clip_v_group(videos, gt_features=self._gt_features(sample))
+            return [torch.zeros(group.group_size) for _, group in groups]
+        videos = self.render([(sample, [r.caption for r in group.responses]) for sample, group in groups], step)
+        return [self.clip.clip_v_group(v, gt_features=self._gt_features(sample)) for v, (sample, _) in
+                zip(videos, groups)]
 
     def rewards(self, sample: Sample, group, clip_v: torch.Tensor) -> dict:
         """``vans.rewards.stage1_reward`` terms, the weighted sum of the normalised terms, its advantage."""
@@ -339,17 +380,14 @@ class Stage1Policy(VlmLoraState):
         return loss, stats, mismatch
 
     def step(self, batch: list[Sample], step: int) -> dict:
-        timings = {"rollout": 0.0, "render": 0.0, "train": 0.0}
-        rollouts = []
-        for index, sample in enumerate(batch):
-            t0 = time.perf_counter()
-            group = self._sample_group(sample)
-            t1 = time.perf_counter()
-            clip_v = self._clip_v(sample, group, step, index)
-            t2 = time.perf_counter()
-            rollouts.append((group, self.rewards(sample, group, clip_v)))
-            timings["rollout"] += t1 - t0
-            timings["render"] += t2 - t1
+        t0 = time.perf_counter()
+        groups = [(sample, self._sample_group(sample)) for sample in batch]
+        t1 = time.perf_counter()
+        calls, rows = self.generator.dit_calls, self.generator.dit_rows
+        clip_v = self._clip_v(groups, step)
+        timings = {"rollout": t1 - t0, "render": time.perf_counter() - t1, "train": 0.0,
+                   "dit_calls": self.generator.dit_calls - calls, "dit_rows": self.generator.dit_rows - rows}
+        rollouts = [(group, self.rewards(sample, group, v)) for (sample, group), v in zip(groups, clip_v)]
         self.generator.clear_text_cache()
 
         stats_all, mismatches, zero_spread, nan_groups, trained = [], [], 0, 0, 0
@@ -392,6 +430,7 @@ class Stage1Policy(VlmLoraState):
             "groups/nan_skipped": nan_groups,
             "tokens/mean_len": mean([float(n) for g, _ in rollouts for n in g.lengths]),
             "time/rollout_s": timings["rollout"], "time/render_s": timings["render"], "time/train_s": timings["train"],
+            "render/dit_calls": timings["dit_calls"], "render/dit_rows": timings["dit_rows"],
         }
         for key in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "kl", "pg_loss", "kl_loss", "loss"):
             default = 1.0 if key.startswith("ratio") else 0.0  # no group trained: nothing moved
@@ -442,6 +481,22 @@ def export_vlm(model, out_dir: Path, *, base_model, start, adapter: bool, merged
             "load": "vans.captioner.load_captioner(base_model, checkpoint=merged)"}
     (out_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return written
+
+
+def _render_chunks(rows: list[tuple], size: int, *, by_group: bool) -> list[list[int]]:
+    """Indices of ``rows`` (group index first) in DiT batches of at most ``size``, in order; ``by_group``: a batch
+    never mixes groups."""
+    chunks: list[list[int]] = []
+    for i, row in enumerate(rows):
+        last = chunks[-1] if chunks else None
+        if last is None or len(last) == size or (by_group and rows[last[0]][0] != row[0]):
+            chunks.append([i])
+        else:
+            last.append(i)
+    return chunks
+
+
+RENDER_SCOPES = ("prompt", "step")
 
 
 # ----------------------------------------------------------------------------------------------------

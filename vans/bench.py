@@ -13,6 +13,10 @@ Sections (``--only``; default: all four on CUDA, the last three on the CPU):
   through ``trainer.runner.run_training`` with ``trainer/configs/stage{1,2}.yaml`` (``*_tiny.yaml`` at
   the tiny scale), one prompt (a group of G = 8), no export; seconds per phase from the policy's own
   metrics, peak memory, and the projection to the config's full step. The paper gives no training times.
+* ``train-efficiency`` (only with ``--only``; tiny models on the CPU whatever ``--scale``): stage 1's render
+  settings on the same captions (DiT calls and rows per step, seconds, ranking agreement: ``vans.bench_render``)
+  and stage 2's modes trained to a fixed reward gain on 5 seeds (``vans.bench_efficiency``); ``--efficiency``
+  picks one half.
 
 Models: random weights at the real sizes (``--scale real``) or the tiny fixture sizes (``--scale tiny``),
 built in memory by ``vans.fixtures.random_models`` and served to the engine's own loaders, so every code
@@ -515,10 +519,33 @@ def summary(results: dict) -> str:
                 lines.append(f"{stage:8} {key:34} {_fmt(value)}")
         if "step_peak_gib" in r:
             lines.append(f"{stage:8} {'peak memory of the step (GiB)':34} {_fmt(r['step_peak_gib'])}")
+    efficiency = results.get("train-efficiency") or {}
+    if "stage1" in efficiency or "stage2" in efficiency:
+        from . import bench_efficiency, bench_render
+
+        if "stage1" in efficiency:
+            lines.append(bench_render.summary(efficiency["stage1"]))
+        if "stage2" in efficiency:
+            lines.append(bench_efficiency.summary(efficiency["stage2"]))
     for section in SECTIONS:
         if isinstance(results.get(section), dict) and "error" in results[section]:
             lines.append(f"{section:8} FAILED: {results[section]['error']}")
     return "\n".join(lines)
+
+
+def train_efficiency(work: Path, halves) -> dict:
+    """Stage 1's render economy (``vans.bench_render``) and stage 2's modes to a reward gain
+    (``vans.bench_efficiency``), each printed as its table when done."""
+    from . import bench_efficiency, bench_render
+
+    out = {}
+    if "stage1" in halves:
+        out["stage1"] = bench_render.bench_render_economy(work / "stage1", log=_log)
+        print(bench_render.summary(out["stage1"]), flush=True)
+    if "stage2" in halves:
+        out["stage2"] = bench_efficiency.bench_train_efficiency(work / "stage2", log=_log)
+        print(bench_efficiency.summary(out["stage2"]), flush=True)
+    return out
 
 
 def _parse(argv):
@@ -537,6 +564,9 @@ def _parse(argv):
     parser.add_argument("--stage2-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a stage-2 config key (repeatable), e.g. grpo.step_selection=fraction")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the runs")
+    parser.add_argument("--efficiency", nargs="+", choices=("stage1", "stage2"), default=["stage1", "stage2"],
+                        help="train-efficiency: which halves to run (stage 1 render economy ~10 min, stage 2 modes "
+                             "to a reward gain ~35 min on 2 cores)")
     return parser.parse_args(argv)
 
 
@@ -578,10 +608,7 @@ def main(argv=None) -> int:
                 elif section == "stage1":
                     results["stage1"] = bench_stage1(scale, device, out / "stage1", args.stage1_set, args.seed)
                 elif section == "train-efficiency":  # tiny models on the CPU whatever --scale / --device
-                    from .bench_efficiency import bench_train_efficiency, summary as efficiency_summary
-
-                    results[section] = bench_train_efficiency(out / section, log=_log)
-                    print(efficiency_summary(results[section]), flush=True)
+                    results[section] = train_efficiency(out / section, args.efficiency)
                 else:
                     results["stage2"] = bench_stage2(scale, device, out / "stage2", args.stage2_set, args.seed)
             except Exception as exc:  # one failed section must not lose the others' figures

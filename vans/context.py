@@ -29,9 +29,16 @@ def select_context(latents: torch.Tensor, num_context: int = DEFAULT_NUM_CONTEXT
 
 
 def prepend_context(context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B|1, C, n, H, W] context ‖ [B, C, T, H, W] target along time. A context of batch 1 is shared."""
-    if context.shape[0] != target.shape[0]:
-        context = context.expand(target.shape[0], -1, -1, -1, -1)
+    """[b, C, n, H, W] context ‖ [B, C, T, H, W] target along time. A context of batch 1 is shared by every
+    row; one of batch b with B = k·b is tiled k times (row r gets context r mod b: the cond ‖ uncond halves of
+    a guided batch over b prompts' rows)."""
+    b, rows = context.shape[0], target.shape[0]
+    if b == 1 and rows != 1:
+        context = context.expand(rows, -1, -1, -1, -1)
+    elif b != rows:
+        if rows % b:
+            raise ValueError(f"context batch {b} does not divide the {rows} target rows")
+        context = context.repeat(rows // b, 1, 1, 1, 1)
     return torch.cat([context.to(target.dtype), target], dim=2)
 
 

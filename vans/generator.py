@@ -90,6 +90,9 @@ class VideoGenerator:
         self.offload = offload
         # prompts kept on the device (a training run sees one anchor caption per sample)
         self._text_cache = LRUCache(text_cache_size)
+        # every DiT forward made through model_velocity: invocations, and rows (sequences) over all of them
+        self.dit_calls = 0
+        self.dit_rows = 0
 
     # -- model placement -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -156,18 +159,30 @@ class VideoGenerator:
         """
         hidden = prepend_context(context, x.to(self.dtype))
         timestep = self.model_timestep(sigma, timestep_dtype).expand(hidden.shape[0])
+        self.dit_calls += 1
+        self.dit_rows += hidden.shape[0]
         out = self.dit(hidden_states=hidden, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
         return strip_context(out, context.shape[2])
 
     def guided_velocity(self, context: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                        guidance: float, *, timestep_dtype: str = "model") -> VelocityFn:
-        """v = v_u + g·(v_c − v_u), cond and uncond in ONE batched forward (2B rows)."""
+                        guidance: float, *, timestep_dtype: str = "model", share_uncond: bool = False) -> VelocityFn:
+        """v = v_u + g·(v_c − v_u), cond and uncond in ONE batched forward (2B rows).
+
+        ``share_uncond``: when every row of x is the same state and the context and negative prompt are shared
+        (batch 1), the unconditional prediction is the same for all rows and is computed once (B + 1 rows): the
+        first step of renders of G captions from one shared noise."""
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             b = x.shape[0]
             c = cond.expand(b, -1, -1) if cond.shape[0] != b else cond
             if uncond is None or guidance == 1.0:
                 return self.model_velocity(x, sigma, context, c, timestep_dtype=timestep_dtype)
+            if share_uncond and b > 1 and context.shape[0] == 1 and uncond.shape[0] == 1 \
+                    and torch.equal(x, x[:1].expand_as(x)):
+                v = self.model_velocity(torch.cat([x, x[:1]]), sigma, context, torch.cat([c, uncond]),
+                                        timestep_dtype=timestep_dtype)
+                v_c, v_u = v[:b], v[b:]
+                return v_u + guidance * (v_c - v_u)
             u = uncond.expand(b, -1, -1) if uncond.shape[0] != b else uncond
             v = self.model_velocity(torch.cat([x, x]), sigma, context, torch.cat([c, u]),
                                     timestep_dtype=timestep_dtype)
@@ -184,10 +199,11 @@ class VideoGenerator:
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, caption_embeds: torch.Tensor, settings: GenerationSettings, *,
-               batch: int = 1, noise: torch.Tensor | None = None, **sampler_kwargs) -> SampleResult:
+               batch: int = 1, noise: torch.Tensor | None = None, share_uncond: bool = False,
+               **sampler_kwargs) -> SampleResult:
         uncond = self.encode_text([settings.negative_prompt]) if settings.guidance != 1.0 else None
         velocity = self.guided_velocity(context, caption_embeds, uncond, settings.guidance,
-                                        timestep_dtype=settings.timestep_dtype)
+                                        timestep_dtype=settings.timestep_dtype, share_uncond=share_uncond)
         if noise is None:
             noise = self.initial_noise(batch, settings)
         with self._placed(self.dit):
