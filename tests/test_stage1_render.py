@@ -109,3 +109,31 @@ def test_spearman_matches_a_hand_computation():
     # covariance 1.5, variances 1.5 and 2
     assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(1.5 / (1.5 * 2.0) ** 0.5)
     assert spearman([1, 1, 1], [1, 2, 3]) != spearman([1, 1, 1], [1, 2, 3])  # no order: NaN
+
+
+def test_fast_render_run_resumes_equal_to_the_uninterrupted_run(tmp_path, demo_models, demo_dataset):
+    from trainer.metrics import read_metrics
+    from trainer.runner import run_training
+
+    fast = ("render.scope=step", "render.batch=3", "render.reuse=true", "render.guidance=5.0", "render.steps=2",
+            "run.steps=2", "run.save_every=1", "run.prompts_per_step=2")
+
+    def run(out, *extra):
+        cfg = load_config(Stage1Config, CONFIGS / "stage1_tiny.yaml",
+                          tiny_overrides(out, demo_models, demo_dataset, *fast, *extra))
+        runtime = setup_runtime(cfg.run)
+        with progress.quiet():
+            return run_training(cfg, Stage1Policy(cfg, runtime), runtime=runtime)
+
+    run(tmp_path / "full")
+    assert run(tmp_path / "resumed", "run.stop_at=1").last_step == 1
+    assert run(tmp_path / "resumed", "run.resume=true").first_step == 2
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time", "mem/"))} for r in rows]
+
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert strip(full) == strip(resumed) and len(full) == 2
+    # 2 prompts x G 4 = 8 captions (fewer if repeated) in batches of 3 across the prompts, 2 denoising steps: at most
+    # 3 batches per step, where batches within each prompt would take 2 per prompt (8 calls)
+    assert all(0 < r["render/dit_calls"] <= 2 * 3 for r in full)
