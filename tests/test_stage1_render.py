@@ -137,3 +137,17 @@ def test_fast_render_run_resumes_equal_to_the_uninterrupted_run(tmp_path, demo_m
     # 2 prompts x G 4 = 8 captions (fewer if repeated) in batches of 3 across the prompts, 2 denoising steps: at most
     # 3 batches per step, where batches within each prompt would take 2 per prompt (8 calls)
     assert all(0 < r["render/dit_calls"] <= 2 * 3 for r in full)
+
+
+def test_render_economy_benchmark_counts_and_ranks_on_the_same_captions(tmp_path):
+    from vans.bench_render import bench_render_economy, summary
+
+    settings = {"today": {}, "CFG off": {"guidance": 1.0}, "today again": {}}
+    with progress.quiet():
+        result = bench_render_economy(tmp_path, seeds=(0,), steps=1, settings=settings, log=lambda _: None)
+    today, off, again = (result["settings"][k] for k in settings)
+    assert off["rows_ratio"] == 2.0 and off["calls_ratio"] == 1.0  # one row per caption and step instead of two
+    # the same setting on the same captions and noise ranks them exactly as the first row
+    assert again["spearman_clip_v"] == 1.0 and again["top1"] == 1.0 and again["rows_ratio"] == 1.0
+    assert today["groups"] + today["no_order"] == 4  # 4 prompts, one step
+    assert "CFG off" in summary(result)
