@@ -449,8 +449,8 @@ def _parse(argv):
                         help="override a stage-2 config key (repeatable), e.g. grpo.step_selection=fraction")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the runs")
     parser.add_argument("--efficiency", nargs="+", choices=("stage1", "stage2"), default=["stage1", "stage2"],
-                        help="train-efficiency: which halves to run (stage 1 render economy ~10 min, stage 2 modes "
-                             "to a reward gain ~35 min on 2 cores)")
+                        help="train-efficiency: which halves to run (stage 1 render economy ~20 min, stage 2 modes "
+                             "to a reward gain 20-35 min on 2 cores)")
     return parser.parse_args(argv)
 
 
