@@ -207,7 +207,9 @@ class Stage2Policy:
         cfg, G = self.cfg, self.cfg.grpo.group_size
         totals: dict[str, list[float]] = {}
         counts = {"groups": 0, "zero_spread_groups": 0, "skipped_groups": 0, "anchor_fallbacks": 0,
-                  "anchor_skipped": 0, "anchor_vlm_calls": 0, "trained_steps": 0, "samples": 0}
+                  "anchor_skipped": 0, "anchor_vlm_calls": 0, "trained_steps": 0, "samples": 0,
+                  "dit_calls": 0, "dit_rollout_rows": 0, "dit_train_rows": 0}  # DiT forwards (the FLOP model's rows)
+        gen, calls = self.generator, self.generator.dit_calls
         g = cfg.grpo
         if self._old is not None:  # before sampling: old ← d·old + (1 − d)·current (DiffusionNFT, once per step)
             decay = nft.old_decay(step - 1, flat=g.nft_old_flat, ramp=g.nft_old_ramp, max_decay=g.nft_old_decay_max)
@@ -225,8 +227,10 @@ class Stage2Policy:
             counts["anchor_fallbacks"] += int(prompt.anchor_fallback)
             # flow_grpo: the group's SDE / trained steps (sliding: a function of the optimizer steps done)
             plan = None if g.algorithm == "nft" else cfg.plan(step - 1, torch.Generator().manual_seed(seed))
+            rows = gen.dit_rows
             with timer("rollout"):
                 rollout, velocity = self._rollout(prompt, plan, seed)
+            counts["dit_rollout_rows"] += gen.dit_rows - rows
             with timer("decode"):
                 videos = self._decode(rollout.latents)
             with timer("reward"):
@@ -251,6 +255,7 @@ class Stage2Policy:
                 continue
             reference = lambda: dit_lora.reference_policy(self.generator, cfg.model.train_mode,  # noqa: E731
                                                           self.frozen)
+            rows = gen.dit_rows
             with timer("train"):
                 if plan is None:
                     stats, trained = self._train_nft(velocity, rollout.latents, adv, seed, reference, len(samples))
@@ -261,8 +266,10 @@ class Stage2Policy:
                         cap=self.cap, model_dtype=self.dtype, clip_range=g.clip_range, beta=g.beta,
                         reference=reference, loss_scale=1.0 / (trained * len(samples)), micro_batch=g.micro_batch)
             counts["trained_steps"] += trained
+            counts["dit_train_rows"] += gen.dit_rows - rows
             for name, values in stats.items():
                 totals.setdefault(name, []).extend(values)
+        counts["dit_calls"] = gen.dit_calls - calls
         return _summarise(totals, counts, timer.seconds)
 
     # -- per-sample preparation ----------------------------------------------------------------------
