@@ -143,8 +143,10 @@ def test_render_economy_benchmark_counts_and_ranks_on_the_same_captions(tmp_path
     from vans.bench_render import bench_render_economy, summary
 
     settings = {"today": {}, "CFG off": {"guidance": 1.0}, "today again": {}}
+    threads = torch.get_num_threads()
     with progress.quiet():
         result = bench_render_economy(tmp_path, seeds=(0,), steps=1, settings=settings, log=lambda _: None)
+    assert torch.get_num_threads() == threads  # it runs on one thread and gives the tests after it theirs back
     today, off, again = (result["settings"][k] for k in settings)
     assert off["rows_ratio"] == 2.0 and off["calls_ratio"] == 1.0  # one row per caption and step instead of two
     # the same setting on the same captions and noise ranks them exactly as the first row

@@ -132,7 +132,8 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, demo_models,
     out = tmp_path / "killed"
     args = sum((["--set", o] for o in tiny_overrides(out, demo_models, demo_dataset, *quick, "run.steps=400")), [])
     proc = subprocess.Popen([sys.executable, "-m", "trainer.stage2", "--config", str(CONFIGS / "stage2_tiny.yaml"),
-                             *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                             *args], cwd=REPO,  # the same intra-op threads as the in-process run: same rounding
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads())),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_metrics(out)) < 2 and proc.poll() is None:

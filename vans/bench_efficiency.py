@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_timing import one_thread
+
 SEEDS = (0, 1, 2, 3, 4)
 GAIN = 0.004
 """The fixed reward gain: +0.004 mean brightness (0..1 pixels) of the evaluation samples, about twice the
@@ -131,6 +133,7 @@ def train_to_gain(work: Path, models: Path, data: Path, mode: tuple[str, ...], s
             "gain": probe.evals[-1] - probe.evals[0], "spread": rows[0]["reward/brightness_std"]}
 
 
+@one_thread  # one core per run, the same for every mode (the CPU figures stay comparable)
 def bench_train_efficiency(work: Path, seeds=SEEDS, modes=None, gain: float = GAIN, max_steps: int = MAX_STEPS,
                            extra: tuple[str, ...] = (), log=print) -> dict:
     """Every mode on every seed (``train_to_gain``); medians, ratios to the first mode, projection per mode."""
@@ -139,7 +142,6 @@ def bench_train_efficiency(work: Path, seeds=SEEDS, modes=None, gain: float = GA
     from .fixtures import write_demo_models
     from .flops import stage2_projection
 
-    torch.set_num_threads(1)  # one core per run, the same for every mode (the CPU figures stay comparable)
     work = Path(work)
     models = write_demo_models(work / "models")
     data = write_demo_dataset(work / "data", count=4)

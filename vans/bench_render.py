@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_timing import one_thread
+
 SEEDS = (0, 1, 2, 3, 4)
 STEPS = 2
 PROMPTS = 4
@@ -104,6 +106,7 @@ def _update_seconds(policy, groups, rewards) -> float:
     return time.process_time() - start
 
 
+@one_thread
 def bench_render_economy(work: Path, seeds=SEEDS, settings=None, steps: int = STEPS, log=print) -> dict:
     """Every render setting on the same captions, per seed; medians and ratios to the first setting."""
     from trainer.config import load_config
@@ -116,7 +119,6 @@ def bench_render_economy(work: Path, seeds=SEEDS, settings=None, steps: int = ST
     from .fixtures import write_demo_models
     from .flops import H100_CFG_STEP_S, dit_forward_flops
 
-    torch.set_num_threads(1)
     work = Path(work)
     models = write_demo_models(work / "models")
     data = write_demo_dataset(work / "data", count=PROMPTS)

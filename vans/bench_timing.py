@@ -124,3 +124,19 @@ class _LogBar:
 
 def _log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def one_thread(fn):
+    """Run ``fn`` with one intra-op thread (CPU figures comparable between runs on a shared machine), then give the
+    caller its thread count back: a benchmark called from a test must not change the threads of the tests after it."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
