@@ -326,8 +326,9 @@ class Stage1Policy(VlmLoraState):
             owners.append(mine)
         videos: list[torch.Tensor] = []
         for chunk in _render_chunks(rows, max(1, r.batch), by_group=r.scope == "prompt"):
-            members = sorted({rows[i][0] for i in chunk})
-            context = contexts[members[0]] if len(members) == 1 else torch.cat([contexts[rows[i][0]] for i in chunk])
+            owner = rows[chunk[0]][0]  # one group: its context is shared (batch 1); several: one context per row
+            one_group = all(rows[i][0] == owner for i in chunk)
+            context = contexts[owner] if one_group else torch.cat([contexts[rows[i][0]] for i in chunk])
             emb = gen.encode_text([rows[i][1] for i in chunk])
             noise = torch.cat([rows[i][2] for i in chunk])
             result = gen.sample(context, emb, s, noise=noise, share_uncond=r.reuse and r.same_noise)
